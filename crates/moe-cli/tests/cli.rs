@@ -1,0 +1,165 @@
+//! The `moe` binary end to end.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn moe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(args)
+        .output()
+        .expect("run moe")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A tiny model config file so CLI tests train in seconds.
+fn tiny_model(dir: &Path) -> String {
+    let config = moe_model::ModelConfig::new()
+        .with_vocab_size(258)
+        .with_d_model(32)
+        .with_n_layers(2)
+        .with_n_heads(2)
+        .with_n_kv_heads(1)
+        .with_d_ff(64)
+        .with_max_seq_len(64)
+        .with_moe(moe_core::MoeLayerConfig::new(32, 32, 4));
+    let path = dir.join("model.json");
+    std::fs::write(&path, config.to_json()).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn train_then_eval_generate_logits_inspect() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let model = tiny_model(tmp.path());
+    let run_s = run.display().to_string();
+    let o = moe(&[
+        "train",
+        "--steps",
+        "30",
+        "--out",
+        &run_s,
+        "--model-config",
+        &model,
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "8",
+        "--eval-every",
+        "10",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("NMI"), "{out}");
+    assert!(
+        out.contains("[code]") && out.contains("[spanish]"),
+        "samples per domain: {out}"
+    );
+    assert!(run.join("loss.svg").exists() && run.join("routing-layer-0.svg").exists());
+    assert_eq!(
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        3
+    );
+
+    let o = moe(&["eval", &run_s, "--json", "--windows", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(report["losses"].as_array().unwrap().len(), 4);
+
+    let ckpt = moe_train::train::resolve_checkpoint(&run)
+        .unwrap()
+        .display()
+        .to_string();
+    let o = moe(&[
+        "generate",
+        &ckpt,
+        "--prompt",
+        "def ",
+        "--max-new-tokens",
+        "5",
+        "--greedy",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let g: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(g["prompt_tokens"], serde_json::json!([100, 101, 102, 32]));
+    assert!(g["new_tokens"].as_array().unwrap().len() <= 5);
+
+    let o = moe(&["logits", &ckpt, "--prompt", "ab"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let l: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(l["tokens"], serde_json::json!([97, 98]));
+    assert_eq!(l["logits"].as_array().unwrap().len(), 2);
+    assert_eq!(l["logits"][0].as_array().unwrap().len(), 258);
+
+    let o = moe(&["inspect", &ckpt, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let i: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!(i["total_params"].as_u64().unwrap() > i["active_params"].as_u64().unwrap());
+
+    // Refuses to train over the run without --overwrite, and leaves it as it was.
+    let before = std::fs::read(run.join("metrics.jsonl")).unwrap();
+    let o = moe(&[
+        "train",
+        "--steps",
+        "5",
+        "--out",
+        &run_s,
+        "--model-config",
+        &model,
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--overwrite"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(run.join("metrics.jsonl")).unwrap(), before);
+
+    // Resume to more steps continues from step 30.
+    let o = moe(&[
+        "train", "--resume", "--out", &run_s, "--steps", "40", "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("trained 40 steps"), "{}", stdout(&o));
+}
+
+#[test]
+fn bad_input_is_one_line_and_a_failure() {
+    let tmp = tempfile::tempdir().unwrap();
+    let missing = tmp.path().join("missing").display().to_string();
+    for args in [
+        vec!["eval", &missing],
+        vec!["generate", &missing, "--prompt", "x"],
+        vec!["train", "--device", "cuda:7", "--steps", "1"],
+        vec!["inspect", &missing],
+    ] {
+        let o = moe(&args);
+        assert!(!o.status.success(), "{args:?} should fail");
+        let err = stderr(&o);
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("error: "), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[test]
+fn inspect_a_mixtral_8x7b_config_without_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("config.json");
+    std::fs::write(&path, r#"{"model_type": "mixtral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+        "num_experts_per_tok": 2, "rms_norm_eps": 1e-5, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+        "tie_word_embeddings": false}"#).unwrap();
+    let o = moe(&["inspect", &path.display().to_string(), "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let i: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(i["total_params"].as_u64().unwrap(), 46_702_792_704);
+    assert_eq!(i["active_params"].as_u64().unwrap(), 12_879_925_248);
+}

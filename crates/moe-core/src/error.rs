@@ -1,0 +1,50 @@
+//! Errors of the MoE layer's configuration and of device selection.
+
+use thiserror::Error;
+
+/// A configuration that cannot build a working MoE layer.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum ConfigError {
+    /// A size that must be positive is zero.
+    #[error("{name} must be at least 1, got 0")]
+    Zero {
+        /// The offending field.
+        name: &'static str,
+    },
+    /// More experts selected per token than exist.
+    #[error("top_k ({top_k}) must be between 1 and n_experts ({n_experts})")]
+    TopK {
+        /// Experts selected per token.
+        top_k: usize,
+        /// Experts in the layer.
+        n_experts: usize,
+    },
+    /// A real-valued setting outside its valid range.
+    #[error("{name} must be {expected}, got {value}")]
+    OutOfRange {
+        /// The offending field.
+        name: &'static str,
+        /// The valid range, in words.
+        expected: &'static str,
+        /// The value given.
+        value: f64,
+    },
+}
+
+/// A device name that does not parse, or names a device this machine lacks.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum DeviceError {
+    /// The name is not one of the accepted forms.
+    #[error("unknown device '{0}': expected flex, ndarray, wgpu, wgpu:N or wgpu:cpu")]
+    Unknown(String),
+    /// The wgpu adapter asked for does not exist here.
+    #[error(
+        "no wgpu adapter for '{spec}' ({found} adapter(s) found); install a Vulkan driver (e.g. mesa-vulkan-drivers) or pick flex"
+    )]
+    NoAdapter {
+        /// The device name as given.
+        spec: String,
+        /// How many wgpu adapters were found.
+        found: usize,
+    },
+}

@@ -1,0 +1,54 @@
+//! The dense SwiGLU feed-forward block: `w_down(silu(w_gate x) * w_up x)`.
+//!
+//! Used for shared experts, for dense transformer blocks and as the reference an MoE layer with one
+//! expert must reproduce.
+
+use burn::nn::{Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::activation::silu;
+
+/// Configuration of a [`SwiGluFfn`].
+#[derive(Config, Debug)]
+pub struct SwiGluFfnConfig {
+    /// Model width.
+    pub d_model: usize,
+    /// Hidden width of the gated projection.
+    pub d_ff: usize,
+}
+
+/// A dense SwiGLU feed-forward block without biases (Llama/Mixtral style).
+#[derive(Module, Debug)]
+pub struct SwiGluFfn {
+    /// Gate projection `[d_model, d_ff]`, passed through SiLU.
+    pub w_gate: Linear,
+    /// Up projection `[d_model, d_ff]`.
+    pub w_up: Linear,
+    /// Down projection `[d_ff, d_model]`.
+    pub w_down: Linear,
+}
+
+impl SwiGluFfnConfig {
+    /// Builds the block with Burn's default (Kaiming-uniform) initialisation.
+    pub fn init(&self, device: &Device) -> SwiGluFfn {
+        let linear = |i, o| LinearConfig::new(i, o).with_bias(false).init(device);
+        SwiGluFfn {
+            w_gate: linear(self.d_model, self.d_ff),
+            w_up: linear(self.d_model, self.d_ff),
+            w_down: linear(self.d_ff, self.d_model),
+        }
+    }
+
+    /// Parameters of the block.
+    pub fn num_params(&self) -> usize {
+        3 * self.d_model * self.d_ff
+    }
+}
+
+impl SwiGluFfn {
+    /// x: `[..., d_model]` -> `[..., d_model]`
+    pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
+        let gate = silu(self.w_gate.forward(x.clone())); // [..., d_ff]
+        let up = self.w_up.forward(x); // [..., d_ff]
+        self.w_down.forward(gate * up)
+    }
+}

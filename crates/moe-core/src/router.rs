@@ -1,0 +1,260 @@
+//! Routers (gate networks): which experts see which tokens, and with what weight.
+//!
+//! - [`RouterKind::Softmax`]: softmax over all experts, then top-k, optionally renormalised
+//!   (Mixtral with k = 2; Switch with k = 1 and no renormalisation).
+//! - [`RouterKind::Sigmoid`]: independent sigmoid affinities, top-k, normalised (DeepSeek-V3).
+//! - [`RouterKind::ExpertChoice`]: each expert picks its top-C tokens (Zhou et al., 2022).
+//!
+//! Any token-choice router can add a *selection bias* (auxiliary-loss-free balancing, Wang et al.
+//! 2024; DeepSeek-V3): a per-expert offset added to the scores when picking experts but never to
+//! the gate weights, and updated outside the gradient by [`crate::MoeLayer::update_selection_bias`].
+
+use burn::module::Param;
+use burn::nn::{Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use burn::tensor::activation::{sigmoid, softmax};
+
+use crate::error::ConfigError;
+
+/// How scores become expert choices.
+#[derive(Config, Debug, Copy, PartialEq, Eq)]
+pub enum RouterKind {
+    /// Softmax over experts, top-k per token.
+    Softmax,
+    /// Sigmoid per expert, top-k per token, weights normalised over the chosen experts.
+    Sigmoid,
+    /// Each expert picks its top-C tokens; a token may get any number of experts, or none.
+    ExpertChoice,
+}
+
+/// Routing policy of an MoE layer.
+#[derive(Config, Debug, PartialEq)]
+pub struct RouterConfig {
+    /// Score function and who chooses. Default: [`RouterKind::Softmax`].
+    #[config(default = "RouterKind::Softmax")]
+    pub kind: RouterKind,
+    /// Experts per token (token choice), or the average experts per token that sets each
+    /// expert's capacity (expert choice). Default: 2.
+    #[config(default = 2)]
+    pub top_k: usize,
+    /// Rescale the k selected weights to sum to 1 (Mixtral, DeepSeek-V3). Default: true.
+    /// Switch (k = 1) keeps the raw probability so the router still gets a gradient.
+    #[config(default = true)]
+    pub renormalize: bool,
+    /// Keep a per-expert selection bias for auxiliary-loss-free balancing. Default: false.
+    #[config(default = false)]
+    pub selection_bias: bool,
+    /// Multiplicative jitter on the router input while training: x * U(1 - eps, 1 + eps).
+    /// Default: 0 (off). Switch uses 0.01.
+    #[config(default = 0.0)]
+    pub jitter: f64,
+    /// Factor on the gate weights after normalisation (DeepSeek-V3's routed scaling). Default: 1.
+    #[config(default = 1.0)]
+    pub route_scale: f64,
+}
+
+impl RouterConfig {
+    /// Mixtral: softmax, top-2, renormalised.
+    pub fn mixtral() -> Self {
+        Self::new()
+    }
+
+    /// Switch Transformer: softmax, top-1, the raw probability as gate weight.
+    pub fn switch() -> Self {
+        Self::new().with_top_k(1).with_renormalize(false)
+    }
+
+    /// DeepSeek-V3: sigmoid affinities, top-k, normalised, with a selection bias for
+    /// auxiliary-loss-free balancing.
+    pub fn deepseek_v3(top_k: usize) -> Self {
+        Self::new()
+            .with_kind(RouterKind::Sigmoid)
+            .with_top_k(top_k)
+            .with_selection_bias(true)
+    }
+
+    /// Expert choice with an average of `top_k` experts per token.
+    pub fn expert_choice(top_k: usize) -> Self {
+        Self::new()
+            .with_kind(RouterKind::ExpertChoice)
+            .with_top_k(top_k)
+    }
+
+    /// Checks the policy against the number of experts.
+    pub fn validate(&self, n_experts: usize) -> Result<(), ConfigError> {
+        if self.top_k == 0 || self.top_k > n_experts {
+            return Err(ConfigError::TopK {
+                top_k: self.top_k,
+                n_experts,
+            });
+        }
+        if self.selection_bias && self.kind == RouterKind::ExpertChoice {
+            return Err(ConfigError::OutOfRange {
+                name: "selection_bias",
+                expected: "off for expert choice (it balances by construction)",
+                value: 1.0,
+            });
+        }
+        if !(0.0..1.0).contains(&self.jitter) {
+            return Err(ConfigError::OutOfRange {
+                name: "jitter",
+                expected: "in [0, 1)",
+                value: self.jitter,
+            });
+        }
+        if !(self.route_scale > 0.0 && self.route_scale.is_finite()) {
+            return Err(ConfigError::OutOfRange {
+                name: "route_scale",
+                expected: "positive and finite",
+                value: self.route_scale,
+            });
+        }
+        Ok(())
+    }
+
+    /// Builds the router for `n_experts` experts of width `d_model`.
+    pub fn init(&self, d_model: usize, n_experts: usize, device: &Device) -> Router {
+        let bias = self.selection_bias.then(|| {
+            Param::from_tensor(Tensor::zeros([n_experts], device)).set_require_grad(false)
+        });
+        Router {
+            gate: LinearConfig::new(d_model, n_experts)
+                .with_bias(false)
+                .init(device),
+            bias,
+            config: self.clone(),
+        }
+    }
+}
+
+/// The gate network: a bias-free linear map from token to expert logits.
+#[derive(Module, Debug)]
+pub struct Router {
+    /// Gate weights `[d_model, E]`.
+    pub gate: Linear,
+    /// Selection bias `[E]` (auxiliary-loss-free balancing); not trained by gradient.
+    pub bias: Option<Param<Tensor<1>>>,
+    /// The routing policy.
+    #[module(skip)]
+    pub config: RouterConfig,
+}
+
+/// Who processes which token.
+#[derive(Debug, Clone)]
+pub enum Assignment {
+    /// Each token picked `k` experts.
+    TokenChoice {
+        /// Chosen experts `[T, k]`, distinct per row.
+        experts: Tensor<2, Int>,
+        /// Gate weight of each choice `[T, k]`.
+        weights: Tensor<2>,
+    },
+    /// Each expert picked `C` tokens.
+    ExpertChoice {
+        /// Chosen tokens `[E, C]`, distinct per row.
+        tokens: Tensor<2, Int>,
+        /// Gate weight of each choice `[E, C]`.
+        weights: Tensor<2>,
+    },
+}
+
+/// What the router decided for a batch of tokens.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    /// Raw gate logits `[T, E]` (for the z-loss).
+    pub logits: Tensor<2>,
+    /// Affinities normalised to sum to 1 per token `[T, E]` (for the balancing loss and entropy).
+    pub probs: Tensor<2>,
+    /// The decision.
+    pub assignment: Assignment,
+}
+
+impl Router {
+    /// Number of experts routed over.
+    pub fn n_experts(&self) -> usize {
+        self.gate.weight.shape().dims::<2>()[1]
+    }
+
+    /// Routes tokens. `capacity` is the per-expert capacity C used by expert choice.
+    ///
+    /// x: `[T, d_model]`; `valid`: `[T]` true for real tokens (padding gets no expert under
+    /// expert choice).
+    pub fn forward(
+        &self,
+        x: Tensor<2>,
+        valid: Option<Tensor<1, Bool>>,
+        capacity: usize,
+    ) -> Routing {
+        let x = self.jitter(x);
+        let logits = self.gate.forward(x); // [T, E]
+        let config = &self.config;
+        let (probs, scores) = match config.kind {
+            RouterKind::Softmax | RouterKind::ExpertChoice => {
+                let p = softmax(logits.clone(), 1);
+                (p.clone(), p)
+            }
+            RouterKind::Sigmoid => {
+                let s = sigmoid(logits.clone()); // [T, E]
+                let sum = s.clone().sum_dim(1);
+                (s.clone() / sum, s)
+            }
+        };
+        let assignment = match config.kind {
+            RouterKind::ExpertChoice => {
+                // Padding must never win a slot: push its scores below every real score.
+                let picker = match valid {
+                    Some(v) => scores.clone().mask_fill(
+                        v.bool_not().unsqueeze_dim::<2>(1).expand(scores.dims()),
+                        -1.0,
+                    ),
+                    None => scores.clone(),
+                };
+                let by_expert = scores.transpose(); // [E, T]
+                let tokens = top_k_indices(picker.transpose(), capacity); // [E, C]
+                let weights = by_expert.gather(1, tokens.clone());
+                Assignment::ExpertChoice { tokens, weights }
+            }
+            RouterKind::Softmax | RouterKind::Sigmoid => {
+                let picker = match &self.bias {
+                    Some(b) => scores.clone().detach() + b.val().unsqueeze_dim(0),
+                    None => scores.clone(),
+                };
+                let experts = top_k_indices(picker, config.top_k); // [T, k]
+                let mut weights = scores.gather(1, experts.clone()); // [T, k]
+                if config.renormalize {
+                    weights = weights.clone() / weights.sum_dim(1);
+                }
+                if config.route_scale != 1.0 {
+                    weights = weights.mul_scalar(config.route_scale);
+                }
+                Assignment::TokenChoice { experts, weights }
+            }
+        };
+        Routing {
+            logits,
+            probs,
+            assignment,
+        }
+    }
+
+    /// Multiplicative input jitter, only while training (on an autodiff device).
+    fn jitter(&self, x: Tensor<2>) -> Tensor<2> {
+        let eps = self.config.jitter;
+        if eps == 0.0 || !x.device().is_autodiff() {
+            return x;
+        }
+        let noise = x.random_like(Distribution::Uniform(1.0 - eps, 1.0 + eps));
+        x * noise
+    }
+}
+
+/// Indices of the k largest entries of each row. x: `[R, N]` -> `[R, k]`, k <= N.
+///
+/// The input is first copied into a contiguous layout (a reshape through 1-D cannot be a view of
+/// a strided tensor): in burn 0.22.1 wgpu's top-k returns wrong indices for a transposed input.
+/// `topk_with_indices` rather than `argtopk`, which refuses k == N.
+fn top_k_indices(x: Tensor<2>, k: usize) -> Tensor<2, Int> {
+    let [r, n] = x.dims();
+    x.reshape([r * n]).reshape([r, n]).topk_with_indices(k, 1).1
+}

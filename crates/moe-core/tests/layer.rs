@@ -1,0 +1,268 @@
+//! The MoE layer against the naive host reference, on every backend.
+
+mod common;
+
+use burn::module::{Module, Param};
+use burn::prelude::*;
+use common::{HostMoe, random_input};
+use moe_core::testing::{assert_close, ints, test_device, values};
+use moe_core::{ExpertCompute, MoeLayer, MoeLayerConfig, RouterConfig, SwiGluFfnConfig};
+use rstest::rstest;
+
+const D: usize = 16;
+const F: usize = 24;
+
+fn host_tensor(v: &[f64], shape: [usize; 2], device: &Device) -> Tensor<2> {
+    let data: Vec<f32> = v.iter().map(|x| *x as f32).collect();
+    Tensor::<1>::from_floats(data.as_slice(), device).reshape(shape)
+}
+
+fn check_against_reference(layer: &MoeLayer, t: usize, seed: u64, device: &Device) {
+    let (x, host_x) = random_input(t, D, seed, device);
+    let out = layer.forward_tokens(x, None);
+    let reference = HostMoe::from_layer(layer).forward(&host_x);
+    assert_close(
+        out.output,
+        host_tensor(&reference.output, [t, D], device),
+        1e-4,
+    );
+    let summary = out.stats.summary();
+    let load: Vec<f64> = reference.load.iter().map(|l| *l as f64).collect();
+    assert_eq!(summary.load, load, "load per expert");
+    assert_eq!(summary.dropped, reference.dropped as f64, "dropped");
+}
+
+#[rstest]
+fn dropless_matches_naive_reference(
+    #[values("flex", "ndarray", "wgpu")] backend: &str,
+    #[values("top1", "top2", "shared", "sigmoid_bias", "fine_grained")] case: &str,
+    #[values(ExpertCompute::Padded, ExpertCompute::Segments)] compute: ExpertCompute,
+) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    let config = match case {
+        "top1" => MoeLayerConfig::new(D, F, 4).with_router(RouterConfig::switch()),
+        "top2" => MoeLayerConfig::new(D, F, 4).with_router(RouterConfig::mixtral()),
+        "shared" => MoeLayerConfig::new(D, F, 4).with_n_shared_experts(2),
+        "sigmoid_bias" => MoeLayerConfig::new(D, F, 6).with_router(RouterConfig::deepseek_v3(3)),
+        "fine_grained" => {
+            MoeLayerConfig::new(D, 4, 32).with_router(RouterConfig::mixtral().with_top_k(4))
+        }
+        _ => unreachable!(),
+    };
+    let mut layer = config.with_compute(compute).init(&device);
+    if let Some(bias) = layer.router.bias.take() {
+        // A non-zero bias must change selection only, never the weights.
+        let b = Tensor::<1>::from_floats([0.3, -0.2, 0.1, 0.0, -0.4, 0.25], &device);
+        layer.router.bias = Some(bias.map(|_| b));
+    }
+    check_against_reference(&layer, 37, 1, &device);
+}
+
+#[rstest]
+fn expert_choice_matches_naive_reference(#[values("flex", "ndarray", "wgpu")] backend: &str) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    let layer = MoeLayerConfig::new(D, F, 4)
+        .with_router(RouterConfig::expert_choice(2))
+        .init(&device);
+    check_against_reference(&layer, 29, 2, &device);
+}
+
+#[rstest]
+fn one_expert_top1_equals_dense_swiglu(#[values("flex", "ndarray", "wgpu")] backend: &str) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    let layer = MoeLayerConfig::new(D, F, 1)
+        .with_router(RouterConfig::new().with_top_k(1))
+        .init(&device);
+    let mut dense = SwiGluFfnConfig::new(D, F).init(&device);
+    let first =
+        |w: &Param<Tensor<3>>, a, b| Param::from_tensor(w.val().slice(0..1).reshape([a, b]));
+    dense.w_gate.weight = first(&layer.experts.w_gate, D, F);
+    dense.w_up.weight = first(&layer.experts.w_up, D, F);
+    dense.w_down.weight = first(&layer.experts.w_down, F, D);
+    let x = Tensor::<3>::random([2, 5, D], burn::tensor::Distribution::Default, &device);
+    let moe = layer.forward(x.clone(), None);
+    assert_close(moe.output, dense.forward(x), 1e-5);
+}
+
+#[rstest]
+fn capacity_limits_load_and_counts_drops(
+    #[values("flex", "ndarray", "wgpu")] backend: &str,
+    #[values(0.5, 1.0, 1.25)] capacity_factor: f64,
+) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    let layer = MoeLayerConfig::new(D, F, 4)
+        .with_capacity_factor(Some(capacity_factor))
+        .init(&device);
+    let t = 41;
+    let (x, host_x) = random_input(t, D, 3, &device);
+    let reference = HostMoe::from_layer(&layer);
+    let capacity = reference.capacity(t) as f64;
+    let expected = reference.forward(&host_x);
+    let out = layer.forward_tokens(x, None);
+    let summary = out.stats.summary();
+    assert!(
+        summary.load.iter().all(|l| *l <= capacity),
+        "{:?} > {capacity}",
+        summary.load
+    );
+    assert_eq!(summary.dropped, expected.dropped as f64);
+    assert_eq!(
+        summary.load.iter().sum::<f64>() + summary.dropped,
+        (2 * t) as f64
+    );
+    assert_close(
+        out.output,
+        host_tensor(&expected.output, [t, D], &device),
+        1e-4,
+    );
+    if capacity_factor < 1.0 {
+        assert!(
+            summary.dropped > 0.0,
+            "a tight capacity must drop something"
+        );
+    }
+}
+
+#[rstest]
+fn ample_capacity_equals_dropless(#[values("flex", "ndarray", "wgpu")] backend: &str) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    let dropless = MoeLayerConfig::new(D, F, 4).init(&device);
+    let mut capped = dropless.clone();
+    capped.capacity_factor = Some(4.0); // capacity = T * k: nothing can overflow
+    let (x, _) = random_input(33, D, 4, &device);
+    let a = dropless.forward_tokens(x.clone(), None);
+    let b = capped.forward_tokens(x, None);
+    assert_eq!(b.stats.summary().dropped, 0.0);
+    assert_close(a.output, b.output, 1e-5);
+}
+
+#[rstest]
+fn padding_takes_no_expert_and_no_loss(#[values("flex", "ndarray", "wgpu")] backend: &str) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    let layer = MoeLayerConfig::new(D, F, 4)
+        .with_capacity_factor(Some(1.0))
+        .init(&device);
+    let (x, _) = random_input(10, D, 5, &device);
+    let x = x.reshape([2, 5, D]);
+    // The first sequence is whole; the second has 2 real tokens and 3 padding.
+    let mask =
+        Tensor::<2, Bool>::from_data([[true; 5], [true, true, false, false, false]], &device);
+    let masked = layer.forward(x.clone(), Some(mask));
+    // Same real tokens alone, without padding.
+    let real = Tensor::cat(
+        vec![
+            x.clone().slice([0..1, 0..5]).reshape([5, D]),
+            x.slice([1..2, 0..2]).reshape([2, D]),
+        ],
+        0,
+    );
+    let alone = layer.forward_tokens(real, None);
+    let s = masked.stats.summary();
+    assert_eq!(s.tokens, 7.0);
+    assert_eq!(s.load.iter().sum::<f64>() + s.dropped, 14.0);
+    let entropy_alone = alone.stats.summary().entropy;
+    assert!((s.entropy - entropy_alone).abs() < 1e-5);
+    assert_close(masked.aux.z, alone.aux.z, 1e-5);
+}
+
+#[rstest]
+fn same_output_on_every_backend(#[values("ndarray", "wgpu")] backend: &str) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    let flex = Device::flex();
+    for config in [
+        MoeLayerConfig::new(D, F, 8),
+        MoeLayerConfig::new(D, F, 8).with_capacity_factor(Some(1.0)),
+        MoeLayerConfig::new(D, F, 8).with_router(RouterConfig::expert_choice(2)),
+        MoeLayerConfig::new(D, F, 8)
+            .with_router(RouterConfig::deepseek_v3(2))
+            .with_n_shared_experts(1),
+    ] {
+        let layer = config.init(&flex);
+        let (x, _) = random_input(24, D, 6, &flex);
+        let expected = layer.forward_tokens(x.clone(), None);
+        let other = layer.clone().to_device(&device);
+        let actual = other.forward_tokens(x.to_device(&device), None);
+        assert_close(actual.output, expected.output.to_device(&device), 1e-4);
+        assert_eq!(actual.stats.summary().load, expected.stats.summary().load);
+    }
+}
+
+#[rstest]
+fn routing_picks_k_distinct_experts_with_unit_weights(
+    #[values("flex", "ndarray", "wgpu")] backend: &str,
+) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    let layer = MoeLayerConfig::new(D, F, 8)
+        .with_router(RouterConfig::mixtral().with_top_k(3))
+        .init(&device);
+    let (x, _) = random_input(20, D, 7, &device);
+    let routing = layer.router.forward(x, None, 1);
+    let moe_core::Assignment::TokenChoice { experts, weights } = routing.assignment else {
+        panic!("token choice expected")
+    };
+    let ex = ints(experts);
+    for row in ex.chunks(3) {
+        let mut r = row.to_vec();
+        r.dedup();
+        r.sort();
+        r.dedup();
+        assert_eq!(r.len(), 3, "distinct experts: {row:?}");
+    }
+    for w in values(weights.sum_dim(1)) {
+        assert!((w - 1.0).abs() < 1e-5);
+    }
+}
+
+#[test]
+fn accounting_matches_the_module() {
+    let device = Device::flex();
+    for config in [
+        MoeLayerConfig::new(32, 64, 8),
+        MoeLayerConfig::new(32, 16, 64).with_n_shared_experts(2),
+        MoeLayerConfig::new(32, 64, 8).with_router(RouterConfig::deepseek_v3(2)),
+    ] {
+        let acc = config.accounting();
+        assert_eq!(acc.total_params, config.init(&device).num_params());
+        assert_eq!(acc.expert_params, 3 * 32 * config.d_ff * config.n_experts);
+    }
+    // Mixtral-like: 8 experts, top-2 -> active experts are a quarter of all experts.
+    let acc = MoeLayerConfig::new(4096, 14336, 8).accounting();
+    let expert = 3 * 4096 * 14336;
+    assert_eq!(acc.total_params, 8 * expert + 4096 * 8);
+    assert_eq!(acc.active_params, 2 * expert + 4096 * 8);
+    assert_eq!(acc.flops_per_token, 2 * acc.active_params);
+}
+
+#[test]
+fn invalid_configs_are_refused() {
+    let device = Device::flex();
+    let bad = [
+        MoeLayerConfig::new(16, 16, 0),
+        MoeLayerConfig::new(0, 16, 4),
+        MoeLayerConfig::new(16, 16, 4).with_router(RouterConfig::new().with_top_k(5)),
+        MoeLayerConfig::new(16, 16, 4).with_router(RouterConfig::new().with_top_k(0)),
+        MoeLayerConfig::new(16, 16, 4).with_capacity_factor(Some(0.0)),
+        MoeLayerConfig::new(16, 16, 4).with_capacity_factor(Some(-1.0)),
+        MoeLayerConfig::new(16, 16, 4).with_router(RouterConfig::new().with_jitter(-0.1)),
+    ];
+    for config in bad {
+        let err = config.try_init(&device).unwrap_err();
+        assert!(!err.to_string().is_empty());
+    }
+}

@@ -1,0 +1,245 @@
+//! The model configuration, saved as `config.json` in every checkpoint.
+
+use std::path::Path;
+
+use burn::prelude::*;
+use moe_core::{MoeLayerConfig, RouterConfig};
+
+use crate::error::{ModelError, Result};
+
+/// Which layers get an MoE feed-forward block and which a dense one.
+#[derive(Config, Debug, PartialEq, Eq, Copy)]
+pub enum FfnPlan {
+    /// Every layer is MoE.
+    AllMoe,
+    /// Every layer is dense (a plain transformer).
+    AllDense,
+    /// Every n-th layer is MoE (layers n-1, 2n-1, ...), as in GShard and Switch.
+    EveryNth {
+        /// The period.
+        n: usize,
+    },
+    /// The first k layers are dense and the rest MoE, as in DeepSeekMoE.
+    FirstDense {
+        /// Dense layers at the bottom.
+        k: usize,
+    },
+}
+
+impl FfnPlan {
+    /// Whether layer `i` is MoE.
+    pub fn is_moe(&self, i: usize) -> bool {
+        match *self {
+            Self::AllMoe => true,
+            Self::AllDense => false,
+            Self::EveryNth { n } => n > 0 && (i + 1) % n == 0,
+            Self::FirstDense { k } => i >= k,
+        }
+    }
+}
+
+/// A decoder-only transformer language model with dense or MoE feed-forward blocks.
+#[derive(Config, Debug, PartialEq)]
+pub struct ModelConfig {
+    /// Vocabulary size. Default: 256 (byte-level).
+    #[config(default = 256)]
+    pub vocab_size: usize,
+    /// Model width. Default: 128.
+    #[config(default = 128)]
+    pub d_model: usize,
+    /// Transformer blocks. Default: 4.
+    #[config(default = 4)]
+    pub n_layers: usize,
+    /// Query heads. Default: 4.
+    #[config(default = 4)]
+    pub n_heads: usize,
+    /// Key/value heads (grouped-query attention; must divide `n_heads`). Default: 2.
+    #[config(default = 2)]
+    pub n_kv_heads: usize,
+    /// Width of each head. Default: `None`, meaning `d_model / n_heads`.
+    #[config(default = "None")]
+    pub head_dim: Option<usize>,
+    /// RoPE base frequency. Default: 10000.
+    #[config(default = 10000.0)]
+    pub rope_theta: f64,
+    /// RMSNorm epsilon. Default: 1e-5.
+    #[config(default = 1e-5)]
+    pub rms_eps: f64,
+    /// Longest sequence (prompt plus generated tokens). Default: 256.
+    #[config(default = 256)]
+    pub max_seq_len: usize,
+    /// Share the output projection with the token embedding. Default: true.
+    #[config(default = true)]
+    pub tie_embeddings: bool,
+    /// Hidden width of the dense SwiGLU blocks. Default: 256.
+    #[config(default = 256)]
+    pub d_ff: usize,
+    /// Which layers are MoE. Default: [`FfnPlan::AllMoe`].
+    #[config(default = "FfnPlan::AllMoe")]
+    pub ffn_plan: FfnPlan,
+    /// The MoE layer (its `d_model` must equal the model's). Default: 8 experts of width 128,
+    /// Mixtral routing (top-2), dropless.
+    #[config(default = "MoeLayerConfig::new(128, 128, 8).with_router(RouterConfig::mixtral())")]
+    pub moe: MoeLayerConfig,
+}
+
+impl ModelConfig {
+    /// Width of each attention head.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.d_model / self.n_heads.max(1))
+    }
+
+    /// Whether layer `i` is MoE.
+    pub fn is_moe(&self, i: usize) -> bool {
+        self.ffn_plan.is_moe(i)
+    }
+
+    /// Checks every size and rate; the error names the field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |msg: String| Err(ModelError::Config(msg));
+        for (name, v) in [
+            ("vocab_size", self.vocab_size),
+            ("d_model", self.d_model),
+            ("n_layers", self.n_layers),
+            ("n_heads", self.n_heads),
+            ("n_kv_heads", self.n_kv_heads),
+            ("max_seq_len", self.max_seq_len),
+            ("d_ff", self.d_ff),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} must be at least 1"));
+            }
+        }
+        if self.head_dim.is_none() && self.d_model % self.n_heads != 0 {
+            return bad(format!(
+                "d_model ({}) must be divisible by n_heads ({})",
+                self.d_model, self.n_heads
+            ));
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return bad(format!(
+                "n_heads ({}) must be a multiple of n_kv_heads ({})",
+                self.n_heads, self.n_kv_heads
+            ));
+        }
+        if self.head_dim() == 0 || self.head_dim() % 2 != 0 {
+            return bad(format!(
+                "head_dim ({}) must be even and positive (RoPE rotates pairs)",
+                self.head_dim()
+            ));
+        }
+        if !(self.rope_theta > 0.0 && self.rope_theta.is_finite()) {
+            return bad(format!(
+                "rope_theta must be positive, got {}",
+                self.rope_theta
+            ));
+        }
+        if !(self.rms_eps > 0.0 && self.rms_eps.is_finite()) {
+            return bad(format!("rms_eps must be positive, got {}", self.rms_eps));
+        }
+        if let FfnPlan::EveryNth { n: 0 } = self.ffn_plan {
+            return bad("ffn_plan every_nth needs n >= 1".into());
+        }
+        if self.n_moe_layers() > 0 {
+            if self.moe.d_model != self.d_model {
+                return bad(format!(
+                    "moe.d_model ({}) must equal d_model ({})",
+                    self.moe.d_model, self.d_model
+                ));
+            }
+            self.moe.validate()?;
+        }
+        Ok(())
+    }
+
+    /// Number of MoE layers.
+    pub fn n_moe_layers(&self) -> usize {
+        (0..self.n_layers).filter(|&i| self.is_moe(i)).count()
+    }
+
+    /// The dense model with the same active parameters per token: every FFN dense, of width
+    /// `k * expert_d_ff` plus the shared experts' width.
+    pub fn dense_equivalent(&self) -> Self {
+        let width = (self.moe.experts_per_token() * self.moe.d_ff as f64).round() as usize
+            + self.moe.n_shared_experts * self.moe.d_ff;
+        self.clone()
+            .with_ffn_plan(FfnPlan::AllDense)
+            .with_d_ff(width)
+    }
+
+    /// Reads and validates a `config.json`.
+    pub fn load_json(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        let config: Self = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        config
+            .validate()
+            .map_err(|e| ModelError::checkpoint(path, e.to_string()))?;
+        Ok(config)
+    }
+
+    /// The config as pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a config always serialises")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_place_moe_layers() {
+        let layers = |plan: FfnPlan| (0..6).filter(|&i| plan.is_moe(i)).collect::<Vec<_>>();
+        assert_eq!(layers(FfnPlan::AllMoe), vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(layers(FfnPlan::AllDense), Vec::<usize>::new());
+        assert_eq!(layers(FfnPlan::EveryNth { n: 2 }), vec![1, 3, 5]);
+        assert_eq!(layers(FfnPlan::FirstDense { k: 1 }), vec![1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn default_config_is_valid_and_round_trips_json() {
+        let config = ModelConfig::new();
+        config.validate().unwrap();
+        let back: ModelConfig = serde_json::from_str(&config.to_json()).unwrap();
+        assert_eq!(back, config);
+    }
+
+    #[test]
+    fn impossible_configs_name_the_problem() {
+        let cases = [
+            (ModelConfig::new().with_n_heads(3), "divisible by n_heads"),
+            (
+                ModelConfig::new().with_n_kv_heads(3),
+                "multiple of n_kv_heads",
+            ),
+            (ModelConfig::new().with_n_layers(0), "n_layers"),
+            (ModelConfig::new().with_rope_theta(-1.0), "rope_theta"),
+            (ModelConfig::new().with_head_dim(Some(7)), "head_dim"),
+            (
+                ModelConfig::new().with_moe(MoeLayerConfig::new(64, 128, 8)),
+                "moe.d_model",
+            ),
+            (
+                ModelConfig::new().with_moe(
+                    MoeLayerConfig::new(128, 128, 2).with_router(RouterConfig::new().with_top_k(3)),
+                ),
+                "top_k",
+            ),
+        ];
+        for (config, expected) in cases {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(expected), "{err} should mention {expected}");
+        }
+    }
+
+    #[test]
+    fn dense_equivalent_matches_active_width() {
+        let config = ModelConfig::new();
+        let dense = config.dense_equivalent();
+        assert_eq!(dense.d_ff, 2 * 128);
+        assert_eq!(dense.n_moe_layers(), 0);
+    }
+}

@@ -1,0 +1,35 @@
+//! # moe-model
+//!
+//! A decoder-only transformer language model built on `moe-core`'s MoE layer: pre-norm blocks with
+//! RMSNorm, causal grouped-query attention with rotary positions, and dense or MoE SwiGLU
+//! feed-forward blocks; generation with a KV cache; atomic checkpoints; Hugging Face Mixtral
+//! import; upcycling a dense model into an MoE; merging independently trained branches.
+//!
+//! ```no_run
+//! use burn::prelude::*;
+//! use moe_model::{ModelConfig, generate::{generate, Sampling}};
+//!
+//! let device = Device::flex();
+//! let model = ModelConfig::new().init(&device).unwrap();
+//! let tokens = Tensor::<2, Int>::from_ints([[72, 105, 33]], &device);
+//! let out = model.forward(tokens, None);
+//! assert_eq!(out.logits.dims(), [1, 3, 256]);
+//! let new_tokens = generate(&model, &[72, 105], 8, &Sampling::greedy(), None).unwrap();
+//! ```
+#![warn(missing_docs)]
+
+pub mod accounting;
+pub mod attention;
+pub mod block;
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod generate;
+pub mod hf;
+pub mod model;
+pub mod rope;
+pub mod upcycle;
+
+pub use config::{FfnPlan, ModelConfig};
+pub use error::{ModelError, Result};
+pub use model::{KvCache, ModelOutput, MoeLm};

@@ -1,0 +1,144 @@
+//! The decoder-only MoE language model.
+
+use burn::nn::{
+    Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig,
+};
+use burn::prelude::*;
+use moe_core::{AuxLosses, RoutingStats};
+
+use crate::attention::LayerCache;
+use crate::block::{Block, MoeReport};
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::rope::Rope;
+
+/// Keys and values of every layer for incremental decoding.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<LayerCache>>,
+}
+
+impl KvCache {
+    /// Positions already cached.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map_or(0, |c| c.k.dims()[2])
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a forward pass returns.
+#[derive(Debug, Clone)]
+pub struct ModelOutput {
+    /// Next-token logits `[batch, seq, vocab]`.
+    pub logits: Tensor<3>,
+    /// Auxiliary losses summed over MoE layers (`None` for a dense model).
+    pub aux: Option<AuxLosses>,
+    /// Routing statistics of each MoE layer, as (layer index, statistics).
+    pub routing: Vec<(usize, RoutingStats)>,
+}
+
+/// A decoder-only transformer with dense or MoE feed-forward blocks.
+#[derive(Module, Debug)]
+pub struct MoeLm {
+    /// Token embedding `[vocab, d_model]`.
+    pub embed: Embedding,
+    /// Transformer blocks.
+    pub blocks: Vec<Block>,
+    /// Final norm.
+    pub norm: RmsNorm,
+    /// Output projection `[d_model, vocab]`; `None` when tied to the embedding.
+    pub lm_head: Option<Linear>,
+    /// The configuration this model was built from.
+    #[module(skip)]
+    pub config: ModelConfig,
+}
+
+impl ModelConfig {
+    /// Builds the model after validating the configuration.
+    pub fn init(&self, device: &Device) -> Result<MoeLm> {
+        self.validate()?;
+        let embed = EmbeddingConfig::new(self.vocab_size, self.d_model)
+            .with_initializer(Initializer::Normal {
+                mean: 0.0,
+                std: 0.02,
+            })
+            .init(device);
+        Ok(MoeLm {
+            embed,
+            blocks: (0..self.n_layers)
+                .map(|i| Block::new(self, i, device))
+                .collect(),
+            norm: RmsNormConfig::new(self.d_model)
+                .with_epsilon(self.rms_eps)
+                .init(device),
+            lm_head: (!self.tie_embeddings).then(|| {
+                LinearConfig::new(self.d_model, self.vocab_size)
+                    .with_bias(false)
+                    .init(device)
+            }),
+            config: self.clone(),
+        })
+    }
+}
+
+impl MoeLm {
+    /// Full forward pass.
+    ///
+    /// tokens: `[batch, seq]`; mask: `[batch, seq]`, true for real tokens (padding neither
+    /// attends nor is attended to, nor counts in the balancing losses).
+    pub fn forward(&self, tokens: Tensor<2, Int>, mask: Option<Tensor<2, Bool>>) -> ModelOutput {
+        let mut cache = KvCache::default();
+        self.forward_cached(tokens, mask, &mut cache)
+    }
+
+    /// Forward pass over new tokens that continue the cached ones; extends the cache.
+    ///
+    /// tokens: `[batch, seq]`; mask: `[batch, cached + seq]` covering cached and new positions.
+    pub fn forward_cached(
+        &self,
+        tokens: Tensor<2, Int>,
+        mask: Option<Tensor<2, Bool>>,
+        cache: &mut KvCache,
+    ) -> ModelOutput {
+        let [_, s] = tokens.dims();
+        let start = cache.len();
+        let device = tokens.device();
+        let (cos, sin) =
+            Rope::new(self.config.head_dim(), self.config.rope_theta).tables(start, s, &device);
+        cache.layers.resize(self.blocks.len(), None);
+
+        let mut x = self.embed.forward(tokens); // [b, s, d]
+        let mut aux: Option<AuxLosses> = None;
+        let mut routing = Vec::new();
+        for (i, block) in self.blocks.iter().enumerate() {
+            let (out, layer_cache, report) =
+                block.forward(x, &cos, &sin, cache.layers[i].take(), mask.clone());
+            x = out;
+            cache.layers[i] = Some(layer_cache);
+            if let Some(MoeReport { aux: a, stats }) = report {
+                aux = Some(match aux {
+                    Some(acc) => acc.merge(a),
+                    None => a,
+                });
+                routing.push((i, stats));
+            }
+        }
+        let x = self.norm.forward(x);
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(x),
+            None => x.matmul(self.embed.weight.val().transpose().unsqueeze_dim(0)), // [b, s, vocab]
+        };
+        ModelOutput {
+            logits,
+            aux,
+            routing,
+        }
+    }
+}

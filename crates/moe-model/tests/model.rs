@@ -1,0 +1,366 @@
+//! The language model on every backend: KV-cache decoding, padding, upcycling, checkpoints and
+//! the Hugging Face Mixtral import against an independent reference.
+
+mod common;
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::prelude::*;
+use common::Mixtral;
+use moe_core::testing::{assert_close, test_device, values};
+use moe_core::{MoeLayerConfig, RouterConfig};
+use moe_model::checkpoint::{self, CONFIG_FILE, WEIGHTS_FILE};
+use moe_model::generate::{Sampling, generate};
+use moe_model::{FfnPlan, KvCache, ModelConfig, MoeLm, hf, upcycle};
+use rstest::rstest;
+
+fn small_config() -> ModelConfig {
+    ModelConfig::new()
+        .with_vocab_size(64)
+        .with_d_model(32)
+        .with_n_layers(2)
+        .with_n_heads(4)
+        .with_n_kv_heads(2)
+        .with_d_ff(48)
+        .with_max_seq_len(32)
+        .with_ffn_plan(FfnPlan::EveryNth { n: 1 })
+        .with_moe(MoeLayerConfig::new(32, 24, 4).with_n_shared_experts(1))
+}
+
+fn tokens(ids: &[i64], device: &Device) -> Tensor<2, Int> {
+    Tensor::<1, Int>::from_ints(ids, device).reshape([1, ids.len()])
+}
+
+#[rstest]
+fn kv_cache_decoding_equals_full_forward(
+    #[values("flex", "ndarray", "wgpu")] backend: &str,
+    #[values(false, true)] tied: bool,
+) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    let model = small_config()
+        .with_tie_embeddings(tied)
+        .init(&device)
+        .unwrap();
+    let ids = [3, 14, 15, 9, 26, 5, 35, 8];
+    let full = model.forward(tokens(&ids, &device), None).logits; // [1, 8, V]
+    // Prefill 3 tokens, then one at a time.
+    let mut cache = KvCache::default();
+    let mut pieces = vec![
+        model
+            .forward_cached(tokens(&ids[..3], &device), None, &mut cache)
+            .logits,
+    ];
+    for i in 3..ids.len() {
+        pieces.push(
+            model
+                .forward_cached(tokens(&ids[i..i + 1], &device), None, &mut cache)
+                .logits,
+        );
+    }
+    assert_eq!(cache.len(), ids.len());
+    assert_close(Tensor::cat(pieces, 1), full, 1e-4);
+}
+
+#[rstest]
+fn padding_changes_nothing_for_real_tokens(#[values("flex", "ndarray", "wgpu")] backend: &str) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    let model = small_config().init(&device).unwrap();
+    let ids = [3, 14, 15, 9, 26];
+    let alone = model.forward(tokens(&ids, &device), None);
+    // Batch: the same sequence right-padded to 8, next to a full one.
+    let batch = Tensor::<2, Int>::from_ints(
+        [[3, 14, 15, 9, 26, 0, 0, 0], [1, 2, 3, 4, 5, 6, 7, 8]],
+        &device,
+    );
+    let mask = Tensor::<2, Bool>::from_data(
+        [
+            [true, true, true, true, true, false, false, false],
+            [true; 8],
+        ],
+        &device,
+    );
+    let padded = model.forward(batch, Some(mask));
+    let real = padded.logits.slice([0..1, 0..5]);
+    assert_close(real, alone.logits, 1e-4);
+    // Padding takes no expert: layer 0's tokens are 5 + 8 real ones.
+    let tokens_routed = padded.routing[0].1.summary().tokens;
+    assert_eq!(tokens_routed, 13.0);
+}
+
+#[rstest]
+fn upcycled_model_equals_the_dense_one(#[values("flex", "ndarray", "wgpu")] backend: &str) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    let dense = small_config()
+        .with_ffn_plan(FfnPlan::AllDense)
+        .init(&device)
+        .unwrap();
+    let ids = [1, 5, 9, 13, 17, 21];
+    let expected = dense.forward(tokens(&ids, &device), None).logits;
+    let moe = upcycle::upcycle(
+        dense,
+        MoeLayerConfig::new(32, 48, 4).with_router(RouterConfig::mixtral()),
+        0.0,
+    )
+    .unwrap();
+    assert_eq!(moe.config.n_moe_layers(), 2);
+    let out = moe.forward(tokens(&ids, &device), None);
+    assert!(out.aux.is_some());
+    assert_close(out.logits, expected, 1e-4);
+}
+
+#[test]
+fn upcycling_with_noise_changes_experts_but_keeps_the_rest() {
+    let device = Device::flex();
+    let dense = small_config()
+        .with_ffn_plan(FfnPlan::AllDense)
+        .init(&device)
+        .unwrap();
+    let embed = values(dense.embed.weight.val());
+    let moe = upcycle::upcycle(dense, MoeLayerConfig::new(32, 48, 4), 0.05).unwrap();
+    assert_eq!(values(moe.embed.weight.val()), embed);
+    let moe_core_layer = match &moe.blocks[0].ffn {
+        moe_model::block::Ffn::Moe(m) => m,
+        _ => panic!("MoE expected"),
+    };
+    let w = moe_core_layer.experts.w_up.val();
+    let (a, b) = (values(w.clone().slice(0..1)), values(w.slice(1..2)));
+    assert_ne!(a, b, "noise should make the copies differ");
+}
+
+fn save_and_load_round_trip(model: &MoeLm, dir: &Path, device: &Device) {
+    checkpoint::save(
+        dir,
+        model,
+        Some(&serde_json::json!({"kind": "bytes"})),
+        false,
+    )
+    .unwrap();
+    let loaded = checkpoint::load(dir, device).unwrap();
+    assert_eq!(loaded.model.config, model.config);
+    assert_eq!(loaded.tokenizer.unwrap()["kind"], "bytes");
+    let ids = tokens(&[4, 8, 15, 16, 23, 42], device);
+    assert_close(
+        loaded.model.forward(ids.clone(), None).logits,
+        model.forward(ids, None).logits,
+        1e-6,
+    );
+}
+
+#[rstest]
+fn checkpoints_round_trip(#[values("flex", "ndarray", "wgpu")] backend: &str) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let model = small_config()
+        .with_moe(MoeLayerConfig::new(32, 24, 4).with_router(RouterConfig::deepseek_v3(2)))
+        .init(&device)
+        .unwrap();
+    save_and_load_round_trip(&model, &tmp.path().join("ckpt"), &device);
+}
+
+#[test]
+fn checkpoint_save_is_atomic_and_refuses_to_overwrite() {
+    let device = Device::flex();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    let model = small_config().init(&device).unwrap();
+    checkpoint::save(&dir, &model, None, false).unwrap();
+    let before = std::fs::read(dir.join(WEIGHTS_FILE)).unwrap();
+    let other = small_config().init(&device).unwrap();
+    let err = checkpoint::save(&dir, &other, None, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(
+        std::fs::read(dir.join(WEIGHTS_FILE)).unwrap(),
+        before,
+        "refused save changed nothing"
+    );
+    checkpoint::save(&dir, &other, None, true).unwrap();
+    assert_ne!(std::fs::read(dir.join(WEIGHTS_FILE)).unwrap(), before);
+    // No staging directories are left behind.
+    let names: Vec<String> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec!["ckpt".to_string()]);
+}
+
+#[test]
+fn damaged_checkpoints_give_errors_naming_the_file() {
+    let device = Device::flex();
+    let tmp = tempfile::tempdir().unwrap();
+    let good = tmp.path().join("good");
+    let model = small_config().init(&device).unwrap();
+    checkpoint::save(&good, &model, None, false).unwrap();
+    let weights = std::fs::read(good.join(WEIGHTS_FILE)).unwrap();
+    let config = std::fs::read_to_string(good.join(CONFIG_FILE)).unwrap();
+
+    let case = |name: &str, file: &str, bytes: &[u8]| {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(CONFIG_FILE), &config).unwrap();
+        std::fs::write(dir.join(WEIGHTS_FILE), &weights).unwrap();
+        std::fs::write(dir.join(file), bytes).unwrap();
+        let err = checkpoint::load(&dir, &device).unwrap_err().to_string();
+        assert!(err.contains(file), "{name}: '{err}' should name {file}");
+        err
+    };
+    case("truncated", WEIGHTS_FILE, &weights[..weights.len() / 2]);
+    case("empty", WEIGHTS_FILE, b"");
+    case(
+        "foreign",
+        WEIGHTS_FILE,
+        b"PK\x03\x04 this is a zip, not burnpack",
+    );
+    case("bad_json", CONFIG_FILE, b"{\"d_model\": 32,");
+    let bigger = config
+        .replace("\"d_model\": 32", "\"d_model\": 64")
+        .replace("\"n_experts\": 4", "\"n_experts\": 4");
+    let err = case("mismatch", CONFIG_FILE, bigger.as_bytes());
+    assert!(err.contains("d_model") || err.contains(WEIGHTS_FILE));
+    let mismatch = config.replace("\"n_layers\": 2", "\"n_layers\": 3");
+    let err = case("layers", CONFIG_FILE, mismatch.as_bytes());
+    assert!(
+        err.contains(WEIGHTS_FILE) || err.contains(CONFIG_FILE),
+        "{err}"
+    );
+
+    let missing = checkpoint::load(&tmp.path().join("nope"), &device)
+        .unwrap_err()
+        .to_string();
+    assert!(missing.contains("nope"));
+    let file = good.join(CONFIG_FILE);
+    let not_dir = checkpoint::load(&file, &device).unwrap_err().to_string();
+    assert!(
+        not_dir.contains("expected a checkpoint directory"),
+        "{not_dir}"
+    );
+}
+
+#[test]
+fn safetensors_export_holds_every_parameter() {
+    let device = Device::flex();
+    let tmp = tempfile::tempdir().unwrap();
+    let model = small_config().init(&device).unwrap();
+    let path = tmp.path().join("model.safetensors");
+    checkpoint::export_safetensors(&model, &path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let total: usize = st
+        .tensors()
+        .iter()
+        .map(|(_, v)| v.shape().iter().product::<usize>())
+        .sum();
+    assert_eq!(total, model.num_params());
+    assert!(
+        st.names().iter().any(|n| n.contains("experts.w_gate")),
+        "{:?}",
+        st.names()
+    );
+}
+
+#[rstest]
+fn hf_mixtral_import_matches_the_reference(
+    #[values("flex", "ndarray", "wgpu")] backend: &str,
+    #[values((1, false, false), (3, true, true))] layout: (usize, bool, bool),
+) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    let (shards, bf16, rope_nested) = layout;
+    let m = Mixtral::tiny();
+    let weights = m.random_weights(11);
+    let tmp = tempfile::tempdir().unwrap();
+    m.write_dir(tmp.path(), &weights, shards, bf16, rope_nested);
+    let model = hf::import(tmp.path(), &device).unwrap();
+    let ids = [1usize, 7, 3, 49, 0, 12, 33];
+    let expected = m.reference_logits(&weights, &ids, bf16);
+    let flat: Vec<f32> = expected.iter().flatten().map(|v| *v as f32).collect();
+    let expected =
+        Tensor::<1>::from_floats(flat.as_slice(), &device).reshape([1, ids.len(), m.vocab]);
+    let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    let logits = model.forward(tokens(&ids, &device), None).logits;
+    assert_close(logits, expected, 1e-4);
+}
+
+#[test]
+fn hf_import_refuses_other_models_and_bad_directories() {
+    let device = Device::flex();
+    let tmp = tempfile::tempdir().unwrap();
+    let m = Mixtral::tiny();
+    m.write_dir(tmp.path(), &m.random_weights(1), 1, false, false);
+    let cfg = std::fs::read_to_string(tmp.path().join("config.json")).unwrap();
+    std::fs::write(
+        tmp.path().join("config.json"),
+        cfg.replace("\"mixtral\"", "\"llama\""),
+    )
+    .unwrap();
+    let err = hf::import(tmp.path(), &device).unwrap_err().to_string();
+    assert!(
+        err.contains("llama") && err.contains("config.json"),
+        "{err}"
+    );
+    std::fs::write(tmp.path().join("config.json"), &cfg).unwrap();
+    std::fs::remove_file(tmp.path().join("model.safetensors")).unwrap();
+    let err = hf::import(tmp.path(), &device).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors"), "{err}");
+}
+
+#[rstest]
+fn generation_is_reproducible_and_bounded(#[values("flex", "ndarray", "wgpu")] backend: &str) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    let model = small_config().init(&device).unwrap();
+    let greedy = generate(&model, &[1, 2, 3], 6, &Sampling::greedy(), None).unwrap();
+    assert_eq!(greedy.len(), 6);
+    assert_eq!(
+        greedy,
+        generate(&model, &[1, 2, 3], 6, &Sampling::greedy(), None).unwrap()
+    );
+    // Greedy decoding with the cache picks the argmax of the full forward at every step.
+    let mut seq: Vec<i64> = vec![1, 2, 3];
+    for &t in &greedy {
+        let logits = model.forward(tokens(&seq, &device), None).logits;
+        let [_, s, v] = logits.dims();
+        let last = values(logits.slice([0..1, s - 1..s, 0..v]));
+        let argmax = last
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0;
+        assert_eq!(argmax as u32, t);
+        seq.push(i64::from(t));
+    }
+    let s = Sampling {
+        temperature: 0.9,
+        top_k: Some(8),
+        top_p: Some(0.9),
+        seed: 5,
+    };
+    assert_eq!(
+        generate(&model, &[4], 10, &s, None).unwrap(),
+        generate(&model, &[4], 10, &s, None).unwrap()
+    );
+    // Stops at the context length; refuses a prompt longer than it.
+    assert_eq!(
+        generate(&model, &[1; 30], 10, &Sampling::greedy(), None)
+            .unwrap()
+            .len(),
+        2
+    );
+    let err = generate(&model, &[1; 33], 1, &Sampling::greedy(), None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("context"), "{err}");
+}

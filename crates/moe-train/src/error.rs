@@ -1,0 +1,83 @@
+//! Errors of data loading and training.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// Everything that can go wrong reading data, training or evaluating.
+#[derive(Debug, Error)]
+pub enum DataError {
+    /// A corpus file or directory that cannot be used.
+    #[error("{}: {problem}", path.display())]
+    Corpus {
+        /// The file or directory.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A tokenizer description that cannot be used.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A training configuration that cannot work.
+    #[error("invalid training config: {0}")]
+    Config(String),
+    /// The loss became NaN or infinite.
+    #[error("loss is {value} at step {step}; stopped, the last good checkpoint is kept")]
+    NonFinite {
+        /// The step that produced it.
+        step: usize,
+        /// The value.
+        value: f32,
+    },
+    /// Training was interrupted (the last checkpoint was saved).
+    #[error("interrupted at step {0}; checkpoint saved, continue with --resume")]
+    Interrupted(usize),
+    /// A run directory that cannot be used.
+    #[error("{}: {problem}", path.display())]
+    Run {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+    /// A model, checkpoint or import error.
+    #[error(transparent)]
+    Model(#[from] moe_model::ModelError),
+    /// A file that could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+impl DataError {
+    /// An I/O error at a path.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A bad corpus file.
+    pub fn corpus(path: impl Into<PathBuf>, problem: impl Into<String>) -> Self {
+        Self::Corpus {
+            path: path.into(),
+            problem: problem.into(),
+        }
+    }
+
+    /// A bad run directory.
+    pub fn run(path: impl Into<PathBuf>, problem: impl Into<String>) -> Self {
+        Self::Run {
+            path: path.into(),
+            problem: problem.into(),
+        }
+    }
+}
+
+/// Result with [`DataError`].
+pub type Result<T> = std::result::Result<T, DataError>;

@@ -1,0 +1,34 @@
+//! # moe-train
+//!
+//! Data, training loops and evaluation for `moe` models: a byte-level tokenizer behind a
+//! [`Tokenizer`] trait, a built-in four-domain corpus (code, arithmetic, English, Spanish) and
+//! user corpora, the joint training loop with balancing losses or bias updates, exact resume,
+//! evaluation with per-domain losses and domain x expert routing tables, and SVG reports.
+//!
+//! ```no_run
+//! use moe_train::{ByteTokenizer, Corpus, TrainConfig};
+//!
+//! let corpus = Corpus::builtin(42, 100_000, &ByteTokenizer);
+//! let config = TrainConfig::new().with_steps(50);
+//! assert_eq!(corpus.names(), ["code", "arithmetic", "english", "spanish"]);
+//! # let _ = config;
+//! ```
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod corpus;
+pub mod data;
+pub mod error;
+pub mod eval;
+pub mod report;
+pub mod run;
+pub mod tokenizer;
+pub mod train;
+
+pub use config::{TrainConfig, TrainPart};
+pub use data::Corpus;
+pub use error::{DataError, Result};
+pub use eval::{EvalReport, evaluate};
+pub use run::RunDir;
+pub use tokenizer::{ByteTokenizer, Tokenizer};
+pub use train::{Start, TrainJob, TrainOutcome, train};

@@ -1,0 +1,271 @@
+//! Training end to end on a tiny model: loss goes down, resume is exact, NaN stops the run.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use burn::module::{Module, Param};
+use burn::prelude::*;
+use moe_core::testing::{test_device, values};
+use moe_core::{MoeLayerConfig, RouterConfig};
+use moe_model::ModelConfig;
+use moe_model::checkpoint::{self, WEIGHTS_FILE};
+use moe_train::{
+    ByteTokenizer, Corpus, DataError, RunDir, Start, TrainConfig, TrainJob, evaluate, train,
+};
+use rstest::rstest;
+
+fn tiny_model(router: RouterConfig) -> ModelConfig {
+    ModelConfig::new()
+        .with_vocab_size(258)
+        .with_d_model(32)
+        .with_n_layers(2)
+        .with_n_heads(2)
+        .with_n_kv_heads(1)
+        .with_max_seq_len(32)
+        .with_moe(MoeLayerConfig::new(32, 32, 4).with_router(router))
+}
+
+fn tiny_train(steps: usize) -> TrainConfig {
+    TrainConfig::new()
+        .with_steps(steps)
+        .with_batch_size(8)
+        .with_seq_len(32)
+        .with_warmup_steps(5)
+        .with_eval_every(10)
+        .with_eval_windows(2)
+        .with_checkpoint_every(10)
+        .with_corpus_bytes(20_000)
+}
+
+fn job<'a>(
+    config: TrainConfig,
+    start: Start,
+    corpus: &'a Corpus,
+    run: RunDir,
+    device: &Device,
+) -> TrainJob<'a> {
+    TrainJob {
+        config,
+        start,
+        corpus,
+        data_source: "builtin".into(),
+        tokenizer: &ByteTokenizer,
+        run,
+        device: device.clone(),
+        verbose: false,
+        stop: Arc::new(AtomicBool::new(false)),
+    }
+}
+
+#[rstest]
+fn a_short_run_lowers_the_loss_and_reports_routing(
+    #[values("flex", "ndarray", "wgpu")] backend: &str,
+    #[values("mixtral", "deepseek")] router: &str,
+) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    let router = if router == "mixtral" {
+        RouterConfig::mixtral()
+    } else {
+        RouterConfig::deepseek_v3(2)
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tiny_train(40);
+    let corpus = Corpus::builtin(config.seed, config.corpus_bytes, &ByteTokenizer);
+    let run = RunDir::create(&tmp.path().join("run"), false).unwrap();
+    let out = train(job(
+        config,
+        Start::Fresh(tiny_model(router)),
+        &corpus,
+        run.clone(),
+        &device,
+    ))
+    .unwrap();
+    assert!(
+        out.final_train_loss < out.first_train_loss - 0.5,
+        "{} -> {}",
+        out.first_train_loss,
+        out.final_train_loss
+    );
+    let metrics = run.metrics().unwrap();
+    assert_eq!(metrics.len(), 4, "an evaluation line every 10 steps");
+    assert!(metrics[3]["valid_loss"]["code"].as_f64().unwrap() > 0.0);
+    assert!(metrics[3]["routing"]["entropy"].as_f64().unwrap() > 0.0);
+    let report = evaluate(&out.model, &corpus, 2, 32, 8);
+    assert_eq!(report.tables.len(), 2);
+    for table in &report.tables {
+        for row in &table.shares {
+            assert!((row.iter().sum::<f64>() - 1.0).abs() < 1e-9, "{row:?}");
+        }
+    }
+    // The final checkpoint loads and carries the trained weights.
+    let loaded = checkpoint::load(&out.checkpoint, &device).unwrap();
+    assert_eq!(
+        values(loaded.model.embed.weight.val()),
+        values(out.model.embed.weight.val())
+    );
+}
+
+fn final_weights(run: &Path, device: &Device) -> Vec<f32> {
+    let dir = RunDir::open(run).unwrap().latest().unwrap().unwrap();
+    let model = checkpoint::load(&dir, device).unwrap().model;
+    let mut all = values(model.embed.weight.val());
+    if let moe_model::block::Ffn::Moe(m) = &model.blocks[1].ffn {
+        all.extend(values(m.router.gate.weight.val()));
+        all.extend(values(m.experts.w_down.val()));
+    }
+    all
+}
+
+#[test]
+fn resuming_continues_exactly() {
+    let device = Device::flex();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tiny_train(20);
+    let corpus = Corpus::builtin(config.seed, config.corpus_bytes, &ByteTokenizer);
+    // 20 steps in one go.
+    let straight = tmp.path().join("straight");
+    train(job(
+        config.clone(),
+        Start::Fresh(tiny_model(RouterConfig::deepseek_v3(2))),
+        &corpus,
+        RunDir::create(&straight, false).unwrap(),
+        &device,
+    ))
+    .unwrap();
+    // 10 steps, then resume for 10 more.
+    let resumed = tmp.path().join("resumed");
+    let half = config.clone().with_steps(10);
+    let err_free = train(job(
+        half,
+        Start::Fresh(tiny_model(RouterConfig::deepseek_v3(2))),
+        &corpus,
+        RunDir::create(&resumed, false).unwrap(),
+        &device,
+    ));
+    assert!(err_free.is_ok());
+    train(job(
+        config,
+        Start::Resume,
+        &corpus,
+        RunDir::open(&resumed).unwrap(),
+        &device,
+    ))
+    .unwrap();
+
+    let (a, b) = (
+        final_weights(&straight, &device),
+        final_weights(&resumed, &device),
+    );
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max);
+    assert!(worst < 1e-4, "resumed weights differ by {worst}");
+    let (ma, mb) = (
+        RunDir::open(&straight).unwrap().metrics().unwrap(),
+        RunDir::open(&resumed).unwrap().metrics().unwrap(),
+    );
+    assert_eq!(ma.len(), mb.len());
+    let loss = |m: &serde_json::Value| m["train_loss"].as_f64().unwrap();
+    assert!((loss(&ma[1]) - loss(&mb[1])).abs() < 1e-4);
+}
+
+#[test]
+fn a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
+    let device = Device::flex();
+    let tmp = tempfile::tempdir().unwrap();
+    let run_path = tmp.path().join("run");
+    let corpus = Corpus::builtin(42, 20_000, &ByteTokenizer);
+    train(job(
+        tiny_train(10),
+        Start::Fresh(tiny_model(RouterConfig::mixtral())),
+        &corpus,
+        RunDir::create(&run_path, false).unwrap(),
+        &device,
+    ))
+    .unwrap();
+    let run = RunDir::open(&run_path).unwrap();
+    let good = run.latest().unwrap().unwrap();
+    // Poison the weights of the latest checkpoint, as a diverged run would.
+    let mut model = checkpoint::load(&good, &device).unwrap().model;
+    let w = model.embed.weight.val();
+    model.embed.weight = Param::from_tensor(w.clone() / w.zeros_like());
+    model.save_file(good.join(WEIGHTS_FILE)).unwrap();
+    let err = train(job(
+        tiny_train(20),
+        Start::Resume,
+        &corpus,
+        run.clone(),
+        &device,
+    ))
+    .unwrap_err();
+    assert!(
+        matches!(err, DataError::NonFinite { step: 11, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("step 11"));
+    assert_eq!(
+        run.latest().unwrap().unwrap(),
+        good,
+        "no checkpoint written after the fault"
+    );
+    assert_eq!(run.metrics().unwrap().len(), 1);
+}
+
+#[test]
+fn router_only_training_freezes_everything_else() {
+    let device = Device::flex();
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = Corpus::builtin(42, 20_000, &ByteTokenizer);
+    let base = tmp.path().join("base");
+    let model = tiny_model(RouterConfig::mixtral()).init(&device).unwrap();
+    checkpoint::save(&base, &model, None, false).unwrap();
+    let config = tiny_train(10).with_train(moe_train::TrainPart::Router);
+    let out = train(job(
+        config,
+        Start::From(base.clone()),
+        &corpus,
+        RunDir::create(&tmp.path().join("ft"), false).unwrap(),
+        &device,
+    ))
+    .unwrap();
+    let before = checkpoint::load(&base, &device).unwrap().model;
+    assert_eq!(
+        values(out.model.embed.weight.val()),
+        values(before.embed.weight.val())
+    );
+    for (a, b) in out.model.blocks.iter().zip(&before.blocks) {
+        assert_eq!(
+            values(a.attn.q_proj.weight.val()),
+            values(b.attn.q_proj.weight.val())
+        );
+        if let (moe_model::block::Ffn::Moe(x), moe_model::block::Ffn::Moe(y)) = (&a.ffn, &b.ffn) {
+            assert_eq!(values(x.experts.w_up.val()), values(y.experts.w_up.val()));
+            assert_ne!(
+                values(x.router.gate.weight.val()),
+                values(y.router.gate.weight.val()),
+                "the router trains"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_existing_run_is_not_overwritten_without_permission() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("run");
+    std::fs::create_dir(&path).unwrap();
+    std::fs::write(path.join("metrics.jsonl"), "{\"step\": 1}\n").unwrap();
+    let err = RunDir::create(&path, false).unwrap_err().to_string();
+    assert!(err.contains("--overwrite"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(path.join("metrics.jsonl")).unwrap(),
+        "{\"step\": 1}\n"
+    );
+    RunDir::create(&path, true).unwrap();
+    assert!(!path.join("metrics.jsonl").exists());
+}
