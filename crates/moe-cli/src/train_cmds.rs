@@ -95,6 +95,10 @@ pub struct TrainArgs {
     /// Steps between checkpoints.
     #[arg(long)]
     checkpoint_every: Option<usize>,
+    /// Stop after this many steps in total, checkpointed as if interrupted, keeping the whole
+    /// run's learning-rate schedule (for time-limited jobs); continue with --resume.
+    #[arg(long)]
+    stop_after: Option<usize>,
     /// No progress bar, evaluation lines or final report.
     #[arg(long)]
     quiet: bool,
@@ -254,6 +258,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         device,
         verbose,
         stop,
+        stop_after: a.stop_after,
     })?;
     if !verbose {
         println!(

@@ -24,7 +24,7 @@ pub enum ExpertCompute {
 }
 
 /// Configuration of an [`MoeLayer`].
-#[derive(Config, Debug)]
+#[derive(Config, Debug, PartialEq)]
 pub struct MoeLayerConfig {
     /// Model width.
     pub d_model: usize,

@@ -99,10 +99,19 @@ fn finite_differences_agree_with_autodiff(
     // The objective and the routing decision it was computed with.
     let eval = |l: &MoeLayer| {
         let value = f64::from(values(objective(l, x.clone(), p.clone()))[0]);
-        let routing = match l.router.forward(x.clone(), None, 1).assignment {
+        // Which experts each token uses, as sets: the order of the k picks does not matter.
+        let k = l.router.config.top_k;
+        let routing: Vec<Vec<i64>> = match l.router.forward(x.clone(), None, 1).assignment {
             Assignment::TokenChoice { experts, .. } => ints(experts),
             Assignment::ExpertChoice { tokens, .. } => ints(tokens),
-        };
+        }
+        .chunks(k)
+        .map(|c| {
+            let mut c = c.to_vec();
+            c.sort();
+            c
+        })
+        .collect();
         (value, routing)
     };
     let eps = 2e-3;
@@ -114,7 +123,7 @@ fn finite_differences_agree_with_autodiff(
     };
     let check = |name: &str, analytic: &[f32], perturbed: &dyn Fn(f64, usize) -> MoeLayer| {
         let mut checked = 0;
-        for i in (0..analytic.len()).step_by(3) {
+        for i in 0..analytic.len() {
             let ((plus, route_plus), (minus, route_minus)) =
                 (eval(&perturbed(eps, i)), eval(&perturbed(-eps, i)));
             if route_plus != route_minus {
@@ -129,7 +138,7 @@ fn finite_differences_agree_with_autodiff(
             checked += 1;
         }
         assert!(
-            checked >= analytic.len() / 6,
+            checked >= analytic.len() / 2,
             "{name}: only {checked} smooth coordinates"
         );
     };

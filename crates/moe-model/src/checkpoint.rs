@@ -204,9 +204,28 @@ pub fn load_weights<M: Module>(module: M, path: &Path) -> Result<M> {
     let record = ModuleRecord::load(path).map_err(|e| {
         ModelError::checkpoint(path, format!("not a readable burnpack weights file ({e})"))
     })?;
-    module
-        .try_load_record(record)
-        .map_err(|e| ModelError::checkpoint(path, format!("weights do not fit the config ({e})")))
+    module.try_load_record(record).map_err(|e| {
+        ModelError::checkpoint(
+            path,
+            format!(
+                "weights do not fit {CONFIG_FILE} ({})",
+                brief(&e.to_string())
+            ),
+        )
+    })
+}
+
+/// The start of a long message (a record error lists every mismatched tensor).
+fn brief(message: &str) -> String {
+    const LIMIT: usize = 200;
+    if message.len() <= LIMIT {
+        return message.to_string();
+    }
+    let mut end = LIMIT;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &message[..end])
 }
 
 /// Exports the weights as a safetensors file (tensor names are the module paths).

@@ -5,7 +5,7 @@ use std::path::Path;
 use burn::prelude::*;
 use moe_core::{MoeLayerConfig, RouterConfig};
 
-use crate::error::{ModelError, Result};
+use crate::error::ModelError;
 
 /// Which layers get an MoE feed-forward block and which a dense one.
 #[derive(Config, Debug, PartialEq, Eq, Copy)]
@@ -95,7 +95,7 @@ impl ModelConfig {
     }
 
     /// Checks every size and rate; the error names the field.
-    pub fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> crate::Result<()> {
         let bad = |msg: String| Err(ModelError::Config(msg));
         for (name, v) in [
             ("vocab_size", self.vocab_size),
@@ -168,7 +168,7 @@ impl ModelConfig {
     }
 
     /// Reads and validates a `config.json`.
-    pub fn load_json(path: &Path) -> Result<Self> {
+    pub fn load_json(path: &Path) -> crate::Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
         let config: Self = serde_json::from_str(&text).map_err(|source| ModelError::Json {
             path: path.to_path_buf(),

@@ -130,7 +130,7 @@ impl HfTensors {
                 })?
                 .names()
                 .into_iter()
-                .cloned()
+                .map(str::to_string)
                 .collect::<Vec<_>>();
             for name in names {
                 index.insert(name, single.clone());

@@ -3,6 +3,9 @@
 use burn::nn::{
     Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig,
 };
+use std::sync::Mutex;
+
+use burn::module::{ModuleVisitor, Param};
 use burn::prelude::*;
 use moe_core::{AuxLosses, RoutingStats};
 
@@ -60,7 +63,33 @@ pub struct MoeLm {
     pub config: ModelConfig,
 }
 
+/// Touches every parameter, which draws the lazily initialised ones.
+struct DrawParams;
+
+impl ModuleVisitor for DrawParams {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let _ = param.val();
+    }
+}
+
+/// Held while seeding a device and drawing initial weights: Burn's random generators are shared
+/// per backend, so without it two models initialised at once (parallel branches, tests) would
+/// interleave their draws and neither seed would be reproducible.
+static SEEDED_INIT: Mutex<()> = Mutex::new(());
+
 impl ModelConfig {
+    /// Builds the model with weights drawn reproducibly from `seed`.
+    pub fn init_seeded(&self, device: &Device, seed: u64) -> Result<MoeLm> {
+        let _guard = SEEDED_INIT
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        device.seed(seed);
+        let model = self.init(device)?;
+        // Parameters initialise lazily, on first use; draw them all now, under the lock.
+        model.visit(&mut DrawParams);
+        Ok(model)
+    }
+
     /// Builds the model after validating the configuration.
     pub fn init(&self, device: &Device) -> Result<MoeLm> {
         self.validate()?;

@@ -49,9 +49,9 @@ pub fn upcycle(dense: MoeLm, moe: MoeLayerConfig, noise: f64) -> Result<MoeLm> {
             "the model to upcycle already has MoE layers".into(),
         ));
     }
-    let moe = moe
-        .with_d_model(dense.config.d_model)
-        .with_d_ff(dense.config.d_ff);
+    let mut moe = moe;
+    moe.d_model = dense.config.d_model;
+    moe.d_ff = dense.config.d_ff;
     let config = dense
         .config
         .clone()

@@ -210,29 +210,36 @@ fn damaged_checkpoints_give_errors_naming_the_file() {
         std::fs::write(dir.join(CONFIG_FILE), &config).unwrap();
         std::fs::write(dir.join(WEIGHTS_FILE), &weights).unwrap();
         std::fs::write(dir.join(file), bytes).unwrap();
-        let err = checkpoint::load(&dir, &device).unwrap_err().to_string();
-        assert!(err.contains(file), "{name}: '{err}' should name {file}");
-        err
+        checkpoint::load(&dir, &device).unwrap_err().to_string()
     };
-    case("truncated", WEIGHTS_FILE, &weights[..weights.len() / 2]);
-    case("empty", WEIGHTS_FILE, b"");
-    case(
-        "foreign",
-        WEIGHTS_FILE,
-        b"PK\x03\x04 this is a zip, not burnpack",
-    );
-    case("bad_json", CONFIG_FILE, b"{\"d_model\": 32,");
-    let bigger = config
-        .replace("\"d_model\": 32", "\"d_model\": 64")
-        .replace("\"n_experts\": 4", "\"n_experts\": 4");
-    let err = case("mismatch", CONFIG_FILE, bigger.as_bytes());
-    assert!(err.contains("d_model") || err.contains(WEIGHTS_FILE));
-    let mismatch = config.replace("\"n_layers\": 2", "\"n_layers\": 3");
-    let err = case("layers", CONFIG_FILE, mismatch.as_bytes());
+    let damaged: [(&str, &[u8]); 3] = [
+        ("truncated", &weights[..weights.len() / 2]),
+        ("empty", b""),
+        ("foreign", b"PK\x03\x04 a zip, not burnpack"),
+    ];
+    for (name, bytes) in damaged {
+        let err = case(name, WEIGHTS_FILE, bytes);
+        assert!(err.contains(&format!("{name}/{WEIGHTS_FILE}")), "{err}");
+    }
+    let err = case("bad_json", CONFIG_FILE, b"{\"d_model\": 32,");
     assert!(
-        err.contains(WEIGHTS_FILE) || err.contains(CONFIG_FILE),
+        err.contains(&format!("bad_json/{CONFIG_FILE}")) && err.contains("malformed JSON"),
         "{err}"
     );
+    // A config that does not match the weights: the error names the weights file, the config
+    // and the first mismatched tensor, on one short line.
+    for (name, from, to) in [
+        ("width", "\"d_model\": 32", "\"d_model\": 64"),
+        ("layers", "\"n_layers\": 2", "\"n_layers\": 3"),
+    ] {
+        let err = case(name, CONFIG_FILE, config.replace(from, to).as_bytes());
+        assert!(
+            err.contains(&format!("{name}/{WEIGHTS_FILE}"))
+                && err.contains("do not fit config.json"),
+            "{err}"
+        );
+        assert!(err.len() < 400, "{err}");
+    }
 
     let missing = checkpoint::load(&tmp.path().join("nope"), &device)
         .unwrap_err()

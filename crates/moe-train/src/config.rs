@@ -2,7 +2,7 @@
 
 use burn::prelude::*;
 
-use crate::error::{DataError, Result};
+use crate::error::DataError;
 
 /// Which parameters a run trains.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
@@ -76,7 +76,7 @@ pub struct TrainConfig {
 
 impl TrainConfig {
     /// Checks every value.
-    pub fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> crate::Result<()> {
         let bad = |m: String| Err(DataError::Config(m));
         for (name, v) in [
             ("steps", self.steps),

@@ -8,10 +8,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use burn::grad_clipping::GradientClippingConfig;
+use burn::lr_scheduler::LrSchedulerConfig;
 use burn::lr_scheduler::cosine::CosineAnnealingLrSchedulerConfig;
 use burn::lr_scheduler::linear::LinearLrSchedulerConfig;
+use burn::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
 use burn::lr_scheduler::sequential::SequentialLrSchedulerConfig;
-use burn::lr_scheduler::{LrSchedulerConfig, ModuleLrScheduler};
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
@@ -61,6 +62,9 @@ pub struct TrainJob<'a> {
     pub verbose: bool,
     /// Set from a signal handler: finish the step, checkpoint, stop.
     pub stop: Arc<AtomicBool>,
+    /// Stop after this many steps in total, as an interruption would (checkpoint, then
+    /// [`DataError::Interrupted`]), keeping the whole run's schedule; `--resume` continues.
+    pub stop_after: Option<usize>,
 }
 
 /// What a finished run returns.
@@ -221,14 +225,17 @@ pub fn train(job: TrainJob) -> Result<TrainOutcome> {
     config.validate()?;
     job.corpus.check_window(config.seq_len + 1)?;
     let device = job.device.clone().autodiff();
-    device.seed(config.seed);
     let (model, mut optim, start_step) = match &job.start {
         Start::Fresh(model_config) => {
             let mut model_config = model_config.clone();
             if model_config.max_seq_len < config.seq_len {
                 model_config.max_seq_len = config.seq_len;
             }
-            (model_config.init(&device)?, optimizer(config), 0)
+            (
+                model_config.init_seeded(&device, config.seed)?,
+                optimizer(config),
+                0,
+            )
         }
         Start::From(path) => (checkpoint::load(path, &device)?.model, optimizer(config), 0),
         Start::Resume => resume_from(&job.run, config, &device)?,
@@ -342,7 +349,7 @@ pub fn train(job: TrainJob) -> Result<TrainOutcome> {
                 "train_loss": window_loss.0 / window_loss.1.max(1) as f64,
                 "lr": lr_value,
                 "tokens_per_s": tokens_per_step * window_loss.1 as f64 / seconds,
-                "valid_loss": job.corpus.names().into_iter().zip(valid.iter().copied()).collect::<serde_json::Map<_, _>>(),
+                "valid_loss": job.corpus.names().into_iter().zip(valid.iter().map(|v| json!(v))).collect::<serde_json::Map<_, _>>(),
             });
             if !window_stats.is_empty() {
                 let summaries: Vec<_> = window_stats.iter().map(|(_, s)| s.summary()).collect();
@@ -356,7 +363,7 @@ pub fn train(job: TrainJob) -> Result<TrainOutcome> {
             window_stats.clear();
             window_start = Instant::now();
         }
-        let stop = job.stop.load(Ordering::SeqCst);
+        let stop = job.stop.load(Ordering::SeqCst) || job.stop_after == Some(done);
         if done % config.checkpoint_every == 0 || done == config.steps || stop {
             last_checkpoint = save_checkpoint(&job, &model, &optim, done)?;
         }
