@@ -123,14 +123,14 @@ fn finite_differences_agree_with_autodiff(
     };
     let check = |name: &str, analytic: &[f32], perturbed: &dyn Fn(f64, usize) -> MoeLayer| {
         let mut checked = 0;
-        for i in 0..analytic.len() {
+        for (i, exact) in analytic.iter().enumerate() {
             let ((plus, route_plus), (minus, route_minus)) =
                 (eval(&perturbed(eps, i)), eval(&perturbed(-eps, i)));
             if route_plus != route_minus {
                 continue;
             }
             let numeric = (plus - minus) / (2.0 * eps);
-            let exact = f64::from(analytic[i]);
+            let exact = f64::from(*exact);
             assert!(
                 (numeric - exact).abs() < 3e-3 + 0.03 * exact.abs(),
                 "{name}[{i}]: fd {numeric} vs autodiff {exact}"

@@ -32,7 +32,7 @@ impl FfnPlan {
         match *self {
             Self::AllMoe => true,
             Self::AllDense => false,
-            Self::EveryNth { n } => n > 0 && (i + 1) % n == 0,
+            Self::EveryNth { n } => n > 0 && (i + 1).is_multiple_of(n),
             Self::FirstDense { k } => i >= k,
         }
     }
@@ -110,19 +110,19 @@ impl ModelConfig {
                 return bad(format!("{name} must be at least 1"));
             }
         }
-        if self.head_dim.is_none() && self.d_model % self.n_heads != 0 {
+        if self.head_dim.is_none() && !self.d_model.is_multiple_of(self.n_heads) {
             return bad(format!(
                 "d_model ({}) must be divisible by n_heads ({})",
                 self.d_model, self.n_heads
             ));
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return bad(format!(
                 "n_heads ({}) must be a multiple of n_kv_heads ({})",
                 self.n_heads, self.n_kv_heads
             ));
         }
-        if self.head_dim() == 0 || self.head_dim() % 2 != 0 {
+        if self.head_dim() == 0 || !self.head_dim().is_multiple_of(2) {
             return bad(format!(
                 "head_dim ({}) must be even and positive (RoPE rotates pairs)",
                 self.head_dim()

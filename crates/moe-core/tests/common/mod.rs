@@ -26,9 +26,9 @@ impl HostFfn {
         let mut out = vec![0.0; d];
         for j in 0..f {
             let (mut g, mut u) = (0.0, 0.0);
-            for i in 0..d {
-                g += x[i] * self.w_gate[i * f + j];
-                u += x[i] * self.w_up[i * f + j];
+            for (i, xi) in x.iter().enumerate().take(d) {
+                g += xi * self.w_gate[i * f + j];
+                u += xi * self.w_up[i * f + j];
             }
             let h = silu(g) * u;
             for (o, out_o) in out.iter_mut().enumerate() {
