@@ -68,13 +68,19 @@ fn main() -> ExitCode {
     }
 }
 
-/// The error and its causes on one line.
+/// The error and its causes on one line; a cause already spelled out by the message before it
+/// (library errors embed their source) is not repeated.
 fn one_line(e: &anyhow::Error) -> String {
-    e.chain()
-        .map(|c| c.to_string())
-        .collect::<Vec<_>>()
-        .join(": ")
-        .replace('\n', " ")
+    let mut line = String::new();
+    for cause in e.chain().map(|c| c.to_string()) {
+        if !line.contains(&cause) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&cause);
+        }
+    }
+    line.replace('\n', " ")
 }
 
 /// Opens a device by name, as every command does.

@@ -109,9 +109,37 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     serde_json::from_str(&text).with_context(|| format!("{}: malformed JSON", path.display()))
 }
 
+/// Reads a JSON config file whose fields override the defaults (nested objects too), so a file
+/// names only what it changes.
+fn over_defaults<T: serde::Serialize + serde::de::DeserializeOwned>(
+    defaults: &T,
+    path: &Path,
+) -> anyhow::Result<T> {
+    fn merge(base: &mut serde_json::Value, user: serde_json::Value) {
+        match (base, user) {
+            (serde_json::Value::Object(b), serde_json::Value::Object(u)) => {
+                for (k, v) in u {
+                    merge(b.entry(k).or_insert(serde_json::Value::Null), v);
+                }
+            }
+            (b, u) => *b = u,
+        }
+    }
+    let user: serde_json::Value = read_json(path)?;
+    if !user.is_object() {
+        bail!(
+            "{}: expected a JSON object of config fields",
+            path.display()
+        );
+    }
+    let mut merged = serde_json::to_value(defaults)?;
+    merge(&mut merged, user);
+    serde_json::from_value(merged).with_context(|| format!("{}: invalid config", path.display()))
+}
+
 fn train_config(a: &TrainArgs, saved: Option<TrainConfig>) -> anyhow::Result<TrainConfig> {
     let mut c = match (&a.config, saved) {
-        (Some(p), _) => read_json(p)?,
+        (Some(p), _) => over_defaults(&TrainConfig::new(), p)?,
         (None, Some(saved)) => saved,
         (None, None) => TrainConfig::new(),
     };
@@ -140,9 +168,10 @@ fn model_config(
     tokenizer: &dyn Tokenizer,
     seq_len: usize,
 ) -> anyhow::Result<ModelConfig> {
+    let defaults = ModelConfig::new().with_vocab_size(tokenizer.vocab_size());
     let mut m = match &a.model_config {
-        Some(p) => ModelConfig::load_json(p)?,
-        None => ModelConfig::new().with_vocab_size(tokenizer.vocab_size()),
+        Some(p) => over_defaults(&defaults, p)?,
+        None => defaults,
     };
     let mut moe: MoeLayerConfig = m.moe.clone();
     if let Some(r) = a.router {
@@ -193,7 +222,8 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(if a.dense { "runs/dense" } else { "runs/moe" }));
     let device = crate::device(&a.device)?;
-    let (run, config, start, data) = if a.resume {
+    // Every input is read and checked before the run directory is created or touched.
+    let (run, config, start, corpus, source) = if a.resume {
         let run = RunDir::open(&out)?;
         let saved: TrainConfig = read_json(&run.path.join("train.json"))?;
         let config = train_config(&a, Some(saved))?;
@@ -206,21 +236,22 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
             }
             (None, None) => bail!("{}: has no checkpoint to resume from", out.display()),
         };
-        (run, config, Start::Resume, data)
+        let (corpus, source) = corpus(data.as_deref(), &config, &tokenizer)?;
+        (run, config, Start::Resume, corpus, source)
     } else {
         let config = train_config(&a, None)?;
         let start = match &a.from {
-            Some(ckpt) => Start::From(ckpt.clone()),
+            Some(ckpt) => {
+                checkpoint::load_config(ckpt)?;
+                Start::From(ckpt.clone())
+            }
             None => Start::Fresh(model_config(&a, &tokenizer, config.seq_len)?),
         };
-        // Validate every input before touching the run directory.
-        if let Some(ckpt) = &a.from {
-            checkpoint::load_config(ckpt)?;
-        }
+        let (corpus, source) = corpus(a.data.as_deref(), &config, &tokenizer)?;
+        corpus.check_window(config.seq_len + 1)?;
         let run = RunDir::create(&out, a.overwrite)?;
-        (run, config, start, a.data.clone())
+        (run, config, start, corpus, source)
     };
-    let (corpus, source) = corpus(data.as_deref(), &config, &tokenizer)?;
     write_atomic(
         &run.path.join("train.json"),
         serde_json::to_string_pretty(&config)?.as_bytes(),

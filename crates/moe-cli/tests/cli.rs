@@ -18,19 +18,13 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// A tiny model config file so CLI tests train in seconds.
+/// A tiny model config file so CLI tests train in seconds. It names only what differs from the
+/// defaults (nested `moe` included): the rest comes from the defaults.
 fn tiny_model(dir: &Path) -> String {
-    let config = moe_model::ModelConfig::new()
-        .with_vocab_size(258)
-        .with_d_model(32)
-        .with_n_layers(2)
-        .with_n_heads(2)
-        .with_n_kv_heads(1)
-        .with_d_ff(64)
-        .with_max_seq_len(64)
-        .with_moe(moe_core::MoeLayerConfig::new(32, 32, 4));
     let path = dir.join("model.json");
-    std::fs::write(&path, config.to_json()).unwrap();
+    let partial = r#"{"d_model": 32, "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "d_ff": 64,
+        "max_seq_len": 64, "moe": {"d_model": 32, "d_ff": 32, "n_experts": 4}}"#;
+    std::fs::write(&path, partial).unwrap();
     path.display().to_string()
 }
 
@@ -128,6 +122,31 @@ fn train_then_eval_generate_logits_inspect() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("trained 40 steps"), "{}", stdout(&o));
+}
+
+#[test]
+fn a_refused_run_leaves_nothing_on_disk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let run = tmp.path().join("run");
+    let args = [
+        "train",
+        "--data",
+        &empty.display().to_string(),
+        "--out",
+        &run.display().to_string(),
+    ]
+    .map(String::from);
+    let o = moe(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(err.contains("no domains"), "{err}");
+    assert!(!run.exists(), "a refused run must not create its directory");
+    // Each cause once: "path: problem", not "path: problem: problem".
+    let missing = tmp.path().join("nope").display().to_string();
+    let err = stderr(&moe(&["train", "--data", &missing, "--out", "x"]));
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
 }
 
 #[test]
