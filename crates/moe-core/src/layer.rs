@@ -217,7 +217,7 @@ impl MoeLayer {
         let (mut output, routed, load, dropped, requested) = match routing.assignment {
             Assignment::TokenChoice { experts, weights } => {
                 let choice = match (self.capacity_factor, self.compute) {
-                    (Some(cf), _) => LayoutChoice::Capacity(capacity(cf).max(1)),
+                    (Some(cf), _) => LayoutChoice::Capacity(capacity(cf)),
                     (None, ExpertCompute::Padded) => LayoutChoice::DroplessPadded,
                     (None, ExpertCompute::Segments) => LayoutChoice::DroplessSegments,
                     (None, ExpertCompute::Auto) if device.is_autodiff() => {

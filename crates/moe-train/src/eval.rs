@@ -86,6 +86,20 @@ pub fn normalized_mutual_information(counts: &[Vec<f64>]) -> f64 {
     }
 }
 
+/// Adds one pass's per-layer routing statistics to an accumulator (empty at first).
+pub fn merge_routing(
+    acc: Vec<(usize, RoutingStats)>,
+    pass: Vec<(usize, RoutingStats)>,
+) -> Vec<(usize, RoutingStats)> {
+    if acc.is_empty() {
+        return pass;
+    }
+    acc.into_iter()
+        .zip(pass)
+        .map(|((layer, a), (_, b))| (layer, a.merge(b)))
+        .collect()
+}
+
 /// Runs one domain's validation windows; returns (mean loss, tokens, routing per MoE layer).
 fn domain_pass(
     model: &MoeLm,
@@ -105,15 +119,7 @@ fn domain_pass(
         let n = chunk.len() * seq_len;
         loss_sum += f64::from(lm_loss(out.logits, b.targets).into_scalar::<f32>()) * n as f64;
         tokens += n;
-        routing = if routing.is_empty() {
-            out.routing
-        } else {
-            routing
-                .into_iter()
-                .zip(out.routing)
-                .map(|((l, a), (_, s))| (l, a.merge(s)))
-                .collect()
-        };
+        routing = merge_routing(routing, out.routing);
     }
     (loss_sum / tokens.max(1) as f64, tokens, routing)
 }

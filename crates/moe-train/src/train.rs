@@ -27,7 +27,7 @@ use serde_json::json;
 use crate::config::{TrainConfig, TrainPart};
 use crate::data::{Batch, Corpus, batch_from_windows, train_windows};
 use crate::error::{DataError, Result};
-use crate::eval::{domain_losses, routing_line};
+use crate::eval::{domain_losses, merge_routing, routing_line};
 use crate::run::{OPTIMIZER_FILE, RunDir, STATE_FILE, TrainerState};
 use crate::tokenizer::Tokenizer;
 
@@ -317,15 +317,8 @@ pub fn train(job: TrainJob) -> Result<TrainOutcome> {
             recent.remove(0);
         }
         window_loss = (window_loss.0 + f64::from(lm_value), window_loss.1 + 1);
-        window_stats = if window_stats.is_empty() {
-            routing.into_iter().map(|(l, s)| (l, s.detach())).collect()
-        } else {
-            window_stats
-                .into_iter()
-                .zip(routing)
-                .map(|((l, a), (_, b))| (l, a.merge(b.detach())))
-                .collect()
-        };
+        let detached = routing.into_iter().map(|(l, s)| (l, s.detach())).collect();
+        window_stats = merge_routing(window_stats, detached);
         let done = step + 1;
         let elapsed = started.elapsed().as_secs_f64();
         bar.set_position(done as u64);
