@@ -1,6 +1,9 @@
 //! The `moe` command-line tool: argument parsing and printing; the work is done by the library
 //! crates.
 
+mod args;
+mod bench_cmd;
+mod branch_cmds;
 mod inspect;
 mod model_cmds;
 mod train_cmds;
@@ -23,6 +26,10 @@ enum Command {
     Train(train_cmds::TrainArgs),
     /// Evaluate a checkpoint: per-domain loss and the domain x expert routing table.
     Eval(train_cmds::EvalArgs),
+    /// Train copies of a dense base, one per domain, concurrently (Branch-Train-MiX).
+    Branch(branch_cmds::BranchArgs),
+    /// Merge branches into an MoE: each branch's FFN becomes one expert.
+    Merge(branch_cmds::MergeArgs),
     /// Generate text from a prompt.
     Generate(model_cmds::GenerateArgs),
     /// Print the logits of every prompt position as JSON.
@@ -33,6 +40,8 @@ enum Command {
     ImportHf(model_cmds::ImportArgs),
     /// Turn a dense checkpoint into an MoE one (sparse upcycling).
     Upcycle(model_cmds::UpcycleArgs),
+    /// Measure MoE against dense feed-forward blocks on a backend.
+    Bench(bench_cmd::BenchArgs),
     /// Export a checkpoint's weights as safetensors.
     Export(model_cmds::ExportArgs),
 }
@@ -48,19 +57,38 @@ fn main() -> ExitCode {
             .unwrap_or("unknown panic");
         eprintln!("error: internal error: {msg}");
     }));
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // Help and version go to stdout as clap prints them.
+        Err(e) if !e.use_stderr() => e.exit(),
+        // A usage mistake is one line too; `--help` shows the usage.
+        Err(e) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("{first} (see --help)");
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Command::Train(a) => train_cmds::train(a),
         Command::Eval(a) => train_cmds::eval(a),
+        Command::Branch(a) => branch_cmds::branch(a),
+        Command::Merge(a) => branch_cmds::merge(a),
         Command::Generate(a) => model_cmds::generate(a),
         Command::Logits(a) => model_cmds::logits(a),
         Command::Inspect(a) => inspect::inspect(a),
         Command::ImportHf(a) => model_cmds::import_hf(a),
         Command::Upcycle(a) => model_cmds::upcycle(a),
+        Command::Bench(a) => bench_cmd::bench(a),
         Command::Export(a) => model_cmds::export(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // An interruption saved its checkpoint: not a failure to report, but not a success.
+        Err(e) if matches!(e.downcast_ref(), Some(moe_train::DataError::Interrupted(_))) => {
+            eprintln!("{e}");
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE

@@ -4,17 +4,20 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::{Args, ValueEnum};
-use moe_core::{MoeLayerConfig, RouterConfig};
+use moe_core::MoeLayerConfig;
 use moe_model::{ModelConfig, checkpoint};
+use moe_train::branch::MergeInfo;
 use moe_train::report::{samples, write_figures};
-use moe_train::run::write_atomic;
+use moe_train::run::{TrainerState, write_atomic};
 use moe_train::train::resolve_checkpoint;
 use moe_train::{
-    ByteTokenizer, Corpus, RunDir, Start, Tokenizer, TrainConfig, TrainJob, TrainPart, evaluate,
-    train as run_train,
+    ByteTokenizer, Corpus, Progress, RunDir, Start, Tokenizer, TrainConfig, TrainJob, TrainPart,
+    evaluate, train as run_train,
 };
+
+use crate::args::{RouterKind, TrainFlags, over_defaults};
 
 /// Which parameters `--train` updates.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -23,27 +26,14 @@ enum Part {
     Router,
 }
 
-/// Routing presets for `--router`.
-#[derive(Clone, Copy, Debug, ValueEnum)]
-enum Router {
-    Mixtral,
-    Switch,
-    Deepseek,
-    ExpertChoice,
-}
-
 /// Arguments of `moe train`.
 #[derive(Args, Debug)]
 pub struct TrainArgs {
     /// Run directory (default: runs/moe, or runs/dense with --dense).
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Optimizer steps (default 600).
-    #[arg(long)]
-    steps: Option<usize>,
-    /// Training config JSON (the fields of train.json); flags override it.
-    #[arg(long)]
-    config: Option<PathBuf>,
+    #[command(flatten)]
+    flags: TrainFlags,
     /// Model config JSON (the fields of a checkpoint's config.json).
     #[arg(long)]
     model_config: Option<PathBuf>,
@@ -62,7 +52,7 @@ pub struct TrainArgs {
     /// Replace an existing run directory.
     #[arg(long)]
     overwrite: bool,
-    /// Start from this checkpoint instead of a fresh model.
+    /// Start from this checkpoint (or a run's latest) instead of a fresh model.
     #[arg(long)]
     from: Option<PathBuf>,
     /// Which parameters to train.
@@ -70,31 +60,13 @@ pub struct TrainArgs {
     train: Part,
     /// Routing preset of a fresh MoE model.
     #[arg(long, value_enum)]
-    router: Option<Router>,
+    router: Option<RouterKind>,
     /// Experts per MoE layer of a fresh model.
     #[arg(long)]
     experts: Option<usize>,
     /// Experts per token of a fresh model.
     #[arg(long)]
     top_k: Option<usize>,
-    /// Sequences per batch.
-    #[arg(long)]
-    batch_size: Option<usize>,
-    /// Tokens per sequence.
-    #[arg(long)]
-    seq_len: Option<usize>,
-    /// Peak learning rate.
-    #[arg(long)]
-    lr: Option<f64>,
-    /// Seed.
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Steps between evaluation lines.
-    #[arg(long)]
-    eval_every: Option<usize>,
-    /// Steps between checkpoints.
-    #[arg(long)]
-    checkpoint_every: Option<usize>,
     /// Stop after this many steps in total, checkpointed as if interrupted, keeping the whole
     /// run's learning-rate schedule (for time-limited jobs); continue with --resume.
     #[arg(long)]
@@ -104,57 +76,8 @@ pub struct TrainArgs {
     quiet: bool,
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
-    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
-    serde_json::from_str(&text).with_context(|| format!("{}: malformed JSON", path.display()))
-}
-
-/// Reads a JSON config file whose fields override the defaults (nested objects too), so a file
-/// names only what it changes.
-fn over_defaults<T: serde::Serialize + serde::de::DeserializeOwned>(
-    defaults: &T,
-    path: &Path,
-) -> anyhow::Result<T> {
-    fn merge(base: &mut serde_json::Value, user: serde_json::Value) {
-        match (base, user) {
-            (serde_json::Value::Object(b), serde_json::Value::Object(u)) => {
-                for (k, v) in u {
-                    merge(b.entry(k).or_insert(serde_json::Value::Null), v);
-                }
-            }
-            (b, u) => *b = u,
-        }
-    }
-    let user: serde_json::Value = read_json(path)?;
-    if !user.is_object() {
-        bail!(
-            "{}: expected a JSON object of config fields",
-            path.display()
-        );
-    }
-    let mut merged = serde_json::to_value(defaults)?;
-    merge(&mut merged, user);
-    serde_json::from_value(merged).with_context(|| format!("{}: invalid config", path.display()))
-}
-
 fn train_config(a: &TrainArgs, saved: Option<TrainConfig>) -> anyhow::Result<TrainConfig> {
-    let mut c = match (&a.config, saved) {
-        (Some(p), _) => over_defaults(&TrainConfig::new(), p)?,
-        (None, Some(saved)) => saved,
-        (None, None) => TrainConfig::new(),
-    };
-    macro_rules! set {
-        ($($field:ident),*) => { $(if let Some(v) = a.$field { c.$field = v; })* };
-    }
-    set!(
-        steps,
-        batch_size,
-        seq_len,
-        lr,
-        seed,
-        eval_every,
-        checkpoint_every
-    );
+    let mut c = a.flags.resolve(saved)?;
     c.train = match a.train {
         Part::All => TrainPart::All,
         Part::Router => TrainPart::Router,
@@ -175,18 +98,12 @@ fn model_config(
     };
     let mut moe: MoeLayerConfig = m.moe.clone();
     if let Some(r) = a.router {
-        moe.router = match r {
-            Router::Mixtral => RouterConfig::mixtral(),
-            Router::Switch => RouterConfig::switch(),
-            Router::Deepseek => RouterConfig::deepseek_v3(2),
-            Router::ExpertChoice => RouterConfig::expert_choice(2),
-        };
+        moe.router = r.config(a.top_k);
+    } else if let Some(k) = a.top_k {
+        moe.router.top_k = k;
     }
     if let Some(e) = a.experts {
         moe.n_experts = e;
-    }
-    if let Some(k) = a.top_k {
-        moe.router.top_k = k;
     }
     m.moe = moe;
     m.max_seq_len = m.max_seq_len.max(seq_len);
@@ -197,12 +114,13 @@ fn model_config(
     Ok(m)
 }
 
-fn corpus(
+/// The corpus of `--data DIR` (`builtin` or no flag: the built-in one) and how to name its source.
+pub(crate) fn corpus(
     data: Option<&Path>,
     config: &TrainConfig,
     tokenizer: &dyn Tokenizer,
 ) -> anyhow::Result<(Corpus, String)> {
-    Ok(match data {
+    Ok(match data.filter(|d| *d != Path::new("builtin")) {
         Some(dir) => (
             Corpus::from_dir(dir, 0.1, tokenizer)?,
             dir.display().to_string(),
@@ -212,6 +130,24 @@ fn corpus(
             "builtin".into(),
         ),
     })
+}
+
+/// A flag set by the first Ctrl-C (runs finish their step, checkpoint and stop); a second
+/// Ctrl-C ends the process at once.
+pub(crate) fn stop_flag() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    // Ignore a failure to install (e.g. a handler already set): Ctrl-C then ends the process,
+    // and the last checkpoint still stands.
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!(
+            "\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to quit now)"
+        );
+    });
+    stop
 }
 
 /// Runs `moe train`.
@@ -225,25 +161,26 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     // Every input is read and checked before the run directory is created or touched.
     let (run, config, start, corpus, source) = if a.resume {
         let run = RunDir::open(&out)?;
-        let saved: TrainConfig = read_json(&run.path.join("train.json"))?;
-        let config = train_config(&a, Some(saved))?;
-        let data = match (&a.data, run.latest()?) {
-            (Some(d), _) => Some(d.clone()),
-            (None, Some(ckpt)) => {
-                let state: moe_train::run::TrainerState =
-                    read_json(&ckpt.join(moe_train::run::STATE_FILE))?;
-                (state.data != "builtin").then(|| PathBuf::from(state.data))
-            }
-            (None, None) => bail!("{}: has no checkpoint to resume from", out.display()),
+        let config = train_config(&a, Some(run.read_config()?))?;
+        let Some(ckpt) = run.latest()? else {
+            bail!("{}: has no checkpoint to resume from", out.display());
         };
+        let state = TrainerState::read(&ckpt)?;
+        let data = a
+            .data
+            .clone()
+            .or_else(|| (state.data != "builtin").then(|| PathBuf::from(&state.data)));
         let (corpus, source) = corpus(data.as_deref(), &config, &tokenizer)?;
+        // The domains the run trained on (a branch trains on one).
+        let corpus = corpus.select(&state.domains)?;
         (run, config, Start::Resume, corpus, source)
     } else {
         let config = train_config(&a, None)?;
         let start = match &a.from {
             Some(ckpt) => {
-                checkpoint::load_config(ckpt)?;
-                Start::From(ckpt.clone())
+                let ckpt = resolve_checkpoint(ckpt)?;
+                checkpoint::load_config(&ckpt)?;
+                Start::From(ckpt)
             }
             None => Start::Fresh(model_config(&a, &tokenizer, config.seq_len)?),
         };
@@ -252,23 +189,9 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         let run = RunDir::create(&out, a.overwrite)?;
         (run, config, start, corpus, source)
     };
-    write_atomic(
-        &run.path.join("train.json"),
-        serde_json::to_string_pretty(&config)?.as_bytes(),
-    )?;
+    run.write_config(&config)?;
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    // Ignore a failure to install (e.g. a handler already set): Ctrl-C then ends the process,
-    // and the last checkpoint still stands.
-    let _ = ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!(
-            "\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to quit now)"
-        );
-    });
+    let stop = stop_flag();
     let verbose = !a.quiet;
     if verbose {
         println!(
@@ -287,10 +210,22 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         tokenizer: &tokenizer,
         run: run.clone(),
         device,
-        verbose,
+        progress: if verbose {
+            Progress::Terminal
+        } else {
+            Progress::Hidden
+        },
         stop,
         stop_after: a.stop_after,
-    })?;
+    });
+    let outcome = match outcome {
+        // Stopping where asked is success; a Ctrl-C is reported by main (exit 130).
+        Err(moe_train::DataError::Interrupted(step)) if a.stop_after == Some(step) => {
+            println!("stopped after {step} steps as asked; continue with --resume");
+            return Ok(());
+        }
+        other => other?,
+    };
     if !verbose {
         println!(
             "trained {} steps in {:.1}s; checkpoint {}",
@@ -406,10 +341,27 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
         seq_len,
         defaults.batch_size,
     );
+    let own = MergeInfo::read(&dir)?.map(|info| info.own_expert_shares(&report));
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let mut json = serde_json::to_value(&report)?;
+        if let Some(own) = own {
+            json["own_expert_share"] = own
+                .into_iter()
+                .map(|(d, s)| (d, s.into()))
+                .collect::<serde_json::Map<_, _>>()
+                .into();
+        }
+        println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
         println!("{report}");
+        if let Some(own) = own {
+            println!(
+                "\nmerged experts: share of each domain's routing assignments to its own expert (at most 1/top-k)"
+            );
+            for (domain, share) in own {
+                println!("{domain:<14} {share:.3}");
+            }
+        }
     }
     Ok(())
 }

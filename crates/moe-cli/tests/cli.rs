@@ -182,3 +182,82 @@ fn inspect_a_mixtral_8x7b_config_without_weights() {
     assert_eq!(i["total_params"].as_u64().unwrap(), 46_702_792_704);
     assert_eq!(i["active_params"].as_u64().unwrap(), 12_879_925_248);
 }
+
+#[test]
+fn branch_merge_fine_tune_eval() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let dense = tmp.path().join("dense.json");
+    let text = std::fs::read_to_string(&model).unwrap().replace(
+        "\"d_model\": 32,",
+        "\"d_model\": 32, \"ffn_plan\": \"AllDense\",",
+    );
+    std::fs::write(&dense, text).unwrap();
+    let dir = tmp.path().join("branches");
+    let dir_s = dir.display().to_string();
+    let small = ["--seq-len", "32", "--batch-size", "8", "--eval-every", "10"];
+    let mut args = vec![
+        "branch",
+        "--model-config",
+        dense.to_str().unwrap(),
+        "--out",
+        &dir_s,
+        "--domains",
+        "code,english",
+        "--devices",
+        "flex,ndarray",
+        "--steps",
+        "10",
+        "--quiet",
+    ];
+    args.extend(small);
+    let o = moe(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("branch code"), "{}", stdout(&o));
+
+    // Branching again over the same directory needs --overwrite and changes nothing.
+    let before = std::fs::read_to_string(dir.join("code/latest")).unwrap();
+    let o = moe(&args);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--overwrite"), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("code/latest")).unwrap(),
+        before
+    );
+
+    let merged = tmp.path().join("merged").display().to_string();
+    let (code, english) = (
+        dir.join("code").display().to_string(),
+        dir.join("english").display().to_string(),
+    );
+    let o = moe(&["merge", &code, &english, "--out", &merged, "--top-k", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("expert 1"), "{}", stdout(&o));
+
+    let ft = tmp.path().join("ft").display().to_string();
+    let mut args = vec![
+        "train", "--from", &merged, "--train", "router", "--steps", "10", "--out", &ft, "--quiet",
+    ];
+    args.extend(small);
+    let o = moe(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let o = moe(&["eval", &ft, "--json", "--windows", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(report["tables"].as_array().unwrap().len(), 2);
+    let own = report["own_expert_share"].as_object().unwrap();
+    assert_eq!(own.keys().collect::<Vec<_>>(), ["code", "english"]);
+
+    // Branches of different architectures are refused, naming the branch.
+    let o = moe(&[
+        "merge",
+        &code,
+        &merged,
+        "--out",
+        &tmp.path().join("x").display().to_string(),
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("not dense"), "{}", stderr(&o));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+}

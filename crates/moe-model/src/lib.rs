@@ -26,6 +26,7 @@ pub mod config;
 pub mod error;
 pub mod generate;
 pub mod hf;
+pub mod merge;
 pub mod model;
 pub mod rope;
 pub mod upcycle;

@@ -12,7 +12,7 @@ use moe_core::{AuxLosses, RoutingStats};
 use crate::attention::LayerCache;
 use crate::block::{Block, MoeReport};
 use crate::config::ModelConfig;
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 use crate::rope::Rope;
 
 /// Keys and values of every layer for incremental decoding.
@@ -77,17 +77,40 @@ impl ModuleVisitor for DrawParams {
 /// interleave their draws and neither seed would be reproducible.
 static SEEDED_INIT: Mutex<()> = Mutex::new(());
 
+/// Seeds `device`'s random generator under the lock that seeded initialisation holds, so a
+/// concurrent [`ModelConfig::init_seeded`] (another branch, another test) stays reproducible.
+pub fn seed_device(device: &Device, seed: u64) {
+    let _guard = SEEDED_INIT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    device.seed(seed);
+}
+
+/// Builds a module with weights drawn reproducibly from `seed` on `device`.
+pub(crate) fn init_seeded<M: Module>(
+    device: &Device,
+    seed: u64,
+    init: impl FnOnce() -> Result<M>,
+) -> Result<M> {
+    let _guard = SEEDED_INIT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    device.seed(seed);
+    let module = init()?;
+    // Parameters initialise lazily, on first use; draw them all now, under the lock, and wait
+    // for the draws to run: asynchronous backends (wgpu) read the generator's state when the
+    // kernels execute, and another thread may reseed it as soon as the lock is released.
+    module.visit(&mut DrawParams);
+    device
+        .sync()
+        .map_err(|e| ModelError::Config(format!("device failed while initialising: {e:?}")))?;
+    Ok(module)
+}
+
 impl ModelConfig {
     /// Builds the model with weights drawn reproducibly from `seed`.
     pub fn init_seeded(&self, device: &Device, seed: u64) -> Result<MoeLm> {
-        let _guard = SEEDED_INIT
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        device.seed(seed);
-        let model = self.init(device)?;
-        // Parameters initialise lazily, on first use; draw them all now, under the lock.
-        model.visit(&mut DrawParams);
-        Ok(model)
+        init_seeded(device, seed, || self.init(device))
     }
 
     /// Builds the model after validating the configuration.

@@ -12,7 +12,7 @@ use moe_core::testing::{assert_close, test_device, values};
 use moe_core::{MoeLayerConfig, RouterConfig};
 use moe_model::checkpoint::{self, CONFIG_FILE, WEIGHTS_FILE};
 use moe_model::generate::{Sampling, generate};
-use moe_model::{FfnPlan, KvCache, ModelConfig, MoeLm, hf, upcycle};
+use moe_model::{FfnPlan, KvCache, ModelConfig, MoeLm, hf, merge, upcycle};
 use rstest::rstest;
 
 fn small_config() -> ModelConfig {
@@ -132,6 +132,86 @@ fn upcycling_with_noise_changes_experts_but_keeps_the_rest() {
     let w = moe_core_layer.experts.w_up.val();
     let (a, b) = (values(w.clone().slice(0..1)), values(w.slice(1..2)));
     assert_ne!(a, b, "noise should make the copies differ");
+}
+
+#[rstest]
+fn merging_identical_branches_equals_upcycling(#[values("flex", "ndarray", "wgpu")] backend: &str) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    let dense_config = small_config().with_ffn_plan(FfnPlan::AllDense);
+    let branch = || dense_config.init_seeded(&device, 7).unwrap();
+    let ids = [1, 5, 9, 13, 17, 21];
+    let routing = MoeLayerConfig::new(32, 48, 3).with_router(RouterConfig::mixtral());
+    let upcycled = upcycle::upcycle(branch(), routing.clone(), 0.0).unwrap();
+    let merged = merge::merge(vec![branch(), branch(), branch()], routing, 1).unwrap();
+    assert_eq!(merged.config, upcycled.config);
+    assert_close(
+        merged.forward(tokens(&ids, &device), None).logits,
+        upcycled.forward(tokens(&ids, &device), None).logits,
+        1e-4,
+    );
+}
+
+#[test]
+fn merging_stacks_ffns_and_averages_the_rest() {
+    let device = Device::flex();
+    let dense_config = small_config().with_ffn_plan(FfnPlan::AllDense);
+    let (a, b) = (
+        dense_config.init_seeded(&device, 1).unwrap(),
+        dense_config.init_seeded(&device, 2).unwrap(),
+    );
+    let mean_embed: Vec<f32> = values(a.embed.weight.val())
+        .iter()
+        .zip(values(b.embed.weight.val()))
+        .map(|(x, y)| (x + y) / 2.0)
+        .collect();
+    let ffn_up = |m: &MoeLm| match &m.blocks[1].ffn {
+        moe_model::block::Ffn::Dense(f) => values(f.w_up.weight.val()),
+        moe_model::block::Ffn::Moe(_) => panic!("dense expected"),
+    };
+    let (up_a, up_b) = (ffn_up(&a), ffn_up(&b));
+    let merged = merge::merge(vec![a, b], MoeLayerConfig::new(32, 48, 2), 3).unwrap();
+    for (x, y) in values(merged.embed.weight.val()).iter().zip(&mean_embed) {
+        assert!((x - y).abs() < 1e-6);
+    }
+    let moe_model::block::Ffn::Moe(layer) = &merged.blocks[1].ffn else {
+        panic!("MoE expected");
+    };
+    let bank = layer.experts.w_up.val(); // [2, d, f]
+    assert_eq!(values(bank.clone().slice(0..1)), up_a);
+    assert_eq!(values(bank.slice(1..2)), up_b);
+    assert_eq!(merged.config.moe.n_experts, 2);
+    assert_eq!(merged.config.moe.d_ff, 48);
+}
+
+#[test]
+fn mismatched_or_sparse_branches_are_refused() {
+    let device = Device::flex();
+    let dense = small_config().with_ffn_plan(FfnPlan::AllDense);
+    let routing = MoeLayerConfig::new(32, 48, 2);
+    let wider = dense.clone().with_d_ff(64).init(&device).unwrap();
+    let err = merge::merge(
+        vec![dense.init(&device).unwrap(), wider],
+        routing.clone(),
+        0,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("branch 1 has d_ff = 64"), "{err}");
+    let sparse = small_config().init(&device).unwrap();
+    let err = merge::merge(
+        vec![dense.init(&device).unwrap(), sparse],
+        routing.clone(),
+        0,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("not dense"), "{err}");
+    let err = merge::merge(vec![dense.init(&device).unwrap()], routing, 0)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("at least 2 branches"), "{err}");
 }
 
 fn save_and_load_round_trip(model: &MoeLm, dir: &Path, device: &Device) {

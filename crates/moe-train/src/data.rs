@@ -111,6 +111,25 @@ impl Corpus {
         self.domains.iter().map(|d| d.name.clone()).collect()
     }
 
+    /// The corpus restricted to the named domains, in the given order; an unknown name is an
+    /// error that lists the known ones.
+    pub fn select(&self, names: &[String]) -> Result<Self> {
+        let domains = names
+            .iter()
+            .map(|name| {
+                self.domains
+                    .iter()
+                    .find(|d| &d.name == name)
+                    .cloned()
+                    .ok_or_else(|| DataError::UnknownDomain {
+                        name: name.clone(),
+                        known: self.names().join(", "),
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { domains })
+    }
+
     /// Checks every domain has room for a window of `window` tokens in both splits.
     pub fn check_window(&self, window: usize) -> Result<()> {
         for d in &self.domains {

@@ -21,6 +21,17 @@ pub enum DataError {
     /// A training configuration that cannot work.
     #[error("invalid training config: {0}")]
     Config(String),
+    /// A domain name the corpus does not have.
+    #[error("unknown domain '{name}'; the corpus has {known}")]
+    UnknownDomain {
+        /// The name asked for.
+        name: String,
+        /// The corpus's domains, comma-separated.
+        known: String,
+    },
+    /// A set of branches that cannot be trained.
+    #[error("cannot branch: {0}")]
+    Branch(String),
     /// The loss became NaN or infinite.
     #[error("loss is {value} at step {step}; stopped, the last good checkpoint is kept")]
     NonFinite {
@@ -40,6 +51,9 @@ pub enum DataError {
         /// What is wrong.
         problem: String,
     },
+    /// A bug: a panic caught at a thread boundary (a branch), reported instead of propagated.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// A model, checkpoint or import error.
     #[error(transparent)]
     Model(#[from] moe_model::ModelError),

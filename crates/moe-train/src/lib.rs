@@ -15,6 +15,8 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod bench;
+pub mod branch;
 pub mod config;
 pub mod corpus;
 pub mod data;
@@ -31,4 +33,4 @@ pub use error::{DataError, Result};
 pub use eval::{EvalReport, evaluate};
 pub use run::RunDir;
 pub use tokenizer::{ByteTokenizer, Tokenizer};
-pub use train::{Start, TrainJob, TrainOutcome, train};
+pub use train::{Progress, Start, TrainJob, TrainOutcome, train};

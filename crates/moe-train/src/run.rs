@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::TrainConfig;
 use crate::error::{DataError, Result};
 
 /// Trainer state saved beside the model in each checkpoint.
@@ -23,6 +24,18 @@ pub struct TrainerState {
 
 /// The trainer state file in a checkpoint.
 pub const STATE_FILE: &str = "trainer.json";
+impl TrainerState {
+    /// Reads the trainer state of checkpoint `dir`.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join(STATE_FILE);
+        let text = fs::read_to_string(&path).map_err(|e| DataError::io(&path, e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| DataError::run(&path, format!("malformed trainer state: {e}")))
+    }
+}
+
+/// The training configuration file of a run directory.
+pub const TRAIN_CONFIG_FILE: &str = "train.json";
 /// The optimizer state file in a checkpoint.
 pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
 
@@ -52,7 +65,7 @@ impl RunDir {
                 ));
             }
             if non_empty {
-                for name in ["checkpoints", "latest", "metrics.jsonl", "train.json"] {
+                for name in ["checkpoints", "latest", "metrics.jsonl", TRAIN_CONFIG_FILE] {
                     let p = path.join(name);
                     let removed = if p.is_dir() {
                         fs::remove_dir_all(&p)
@@ -82,6 +95,46 @@ impl RunDir {
         Ok(Self {
             path: path.to_path_buf(),
         })
+    }
+
+    /// Removes what a killed run left half-written: staging directories of checkpoints
+    /// (`checkpoints/.step-*.partial-*`) and temporary files (`*.tmp-*`). Never touches a
+    /// complete checkpoint. Call only when no other process writes to the run.
+    pub fn remove_stale(&self) -> Result<()> {
+        for dir in [self.path.clone(), self.path.join("checkpoints")] {
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(DataError::io(&dir, e)),
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let path = entry.path();
+                let removed = if name.starts_with('.') && name.contains(".partial-") {
+                    fs::remove_dir_all(&path)
+                } else if name.contains(".tmp-") && path.is_file() {
+                    fs::remove_file(&path)
+                } else {
+                    continue;
+                };
+                removed.map_err(|e| DataError::io(&path, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the run's training configuration (`train.json`), which `--resume` reads back.
+    pub fn write_config(&self, config: &TrainConfig) -> Result<()> {
+        let json = serde_json::to_string_pretty(config).expect("a config always serialises");
+        write_atomic(&self.path.join(TRAIN_CONFIG_FILE), json.as_bytes())
+    }
+
+    /// Reads the run's training configuration back.
+    pub fn read_config(&self) -> Result<TrainConfig> {
+        let path = self.path.join(TRAIN_CONFIG_FILE);
+        let text = fs::read_to_string(&path).map_err(|e| DataError::io(&path, e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| DataError::run(&path, format!("malformed training config: {e}")))
     }
 
     /// The directory a checkpoint of `step` is written to.

@@ -17,13 +17,15 @@ use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
 use burn::prelude::*;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use moe_core::RoutingStats;
 use moe_model::block::Ffn;
 use moe_model::checkpoint::{self, CheckpointWriter, TOKENIZER_FILE};
+use moe_model::model::seed_device;
 use moe_model::{ModelConfig, MoeLm};
 use serde_json::json;
 
+use crate::branch::{MERGE_FILE, MergeInfo};
 use crate::config::{TrainConfig, TrainPart};
 use crate::data::{Batch, Corpus, batch_from_windows, train_windows};
 use crate::error::{DataError, Result};
@@ -58,13 +60,53 @@ pub struct TrainJob<'a> {
     pub run: RunDir,
     /// The device (autodiff is enabled on it here).
     pub device: Device,
-    /// Show a progress bar and evaluation lines.
-    pub verbose: bool,
+    /// Where progress goes.
+    pub progress: Progress,
     /// Set from a signal handler: finish the step, checkpoint, stop.
     pub stop: Arc<AtomicBool>,
     /// Stop after this many steps in total, as an interruption would (checkpoint, then
     /// [`DataError::Interrupted`]), keeping the whole run's schedule; `--resume` continues.
     pub stop_after: Option<usize>,
+}
+
+/// Where a run shows its progress bar and evaluation lines.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// Nothing is shown.
+    Hidden,
+    /// A progress bar of its own on the terminal.
+    Terminal,
+    /// One labelled bar among others (parallel branches), evaluation lines prefixed by the label.
+    Shared {
+        /// The bars of all runs.
+        bars: MultiProgress,
+        /// This run's label.
+        label: String,
+    },
+}
+
+impl Progress {
+    fn bar(&self, len: u64) -> ProgressBar {
+        let (bar, label) = match self {
+            Self::Hidden => return ProgressBar::hidden(),
+            Self::Terminal => (ProgressBar::new(len), ""),
+            Self::Shared { bars, label } => (bars.add(ProgressBar::new(len)), label.as_str()),
+        };
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix}{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+            )
+            .expect("valid template"),
+        );
+        if !label.is_empty() {
+            bar.set_prefix(format!("{label:<12} "));
+        }
+        bar
+    }
+
+    fn shows(&self) -> bool {
+        !matches!(self, Self::Hidden)
+    }
 }
 
 /// What a finished run returns.
@@ -178,11 +220,15 @@ fn save_checkpoint(
     model: &MoeLm,
     optim: &ModuleOptimizer,
     step: usize,
+    merge: Option<&MergeInfo>,
 ) -> Result<PathBuf> {
     let target = job.run.checkpoint_dir(step);
     let writer = CheckpointWriter::new(&target)?;
     writer.write_model(&model.valid())?;
     writer.write_json(TOKENIZER_FILE, &job.tokenizer.spec())?;
+    if let Some(info) = merge {
+        writer.write_json(MERGE_FILE, info)?;
+    }
     let state = TrainerState {
         step,
         domains: job.corpus.names(),
@@ -208,10 +254,7 @@ fn resume_from(
         .latest()?
         .ok_or_else(|| DataError::run(&run.path, "has no checkpoint to resume from"))?;
     let ckpt = checkpoint::load(&dir, device)?;
-    let state_path = dir.join(STATE_FILE);
-    let text = std::fs::read_to_string(&state_path).map_err(|e| DataError::io(&state_path, e))?;
-    let state: TrainerState = serde_json::from_str(&text)
-        .map_err(|e| DataError::run(&state_path, format!("malformed trainer state: {e}")))?;
+    let state = TrainerState::read(&dir)?;
     let optim_path = dir.join(OPTIMIZER_FILE);
     let optim = optimizer(config)
         .load(&optim_path)
@@ -238,7 +281,10 @@ pub fn train(job: TrainJob) -> Result<TrainOutcome> {
             )
         }
         Start::From(path) => (checkpoint::load(path, &device)?.model, optimizer(config), 0),
-        Start::Resume => resume_from(&job.run, config, &device)?,
+        Start::Resume => {
+            job.run.remove_stale()?;
+            resume_from(&job.run, config, &device)?
+        }
     };
     if model.config.vocab_size < job.tokenizer.vocab_size() {
         return Err(DataError::Config(format!(
@@ -256,6 +302,15 @@ pub fn train(job: TrainJob) -> Result<TrainOutcome> {
             ),
         ));
     }
+    // A merged model keeps the record of its experts' origins through fine-tuning.
+    let merge = match &job.start {
+        Start::Fresh(_) => None,
+        Start::From(path) => MergeInfo::read(path)?,
+        Start::Resume => match job.run.latest()? {
+            Some(dir) => MergeInfo::read(&dir)?,
+            None => None,
+        },
+    };
     job.run.truncate_metrics(start_step)?;
     let mut model = trainable(model, config.train);
     let mut schedule = lr_schedule(config)?;
@@ -263,17 +318,7 @@ pub fn train(job: TrainJob) -> Result<TrainOutcome> {
         schedule.step();
     }
 
-    let bar = if job.verbose {
-        ProgressBar::new(config.steps as u64)
-    } else {
-        ProgressBar::hidden()
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
-        )
-        .expect("valid template"),
-    );
+    let bar = job.progress.bar(config.steps as u64);
     bar.set_position(start_step as u64);
     let started = Instant::now();
     let tokens_per_step = (config.batch_size * config.seq_len) as f64;
@@ -284,7 +329,9 @@ pub fn train(job: TrainJob) -> Result<TrainOutcome> {
     let mut last_checkpoint = job.run.latest()?.unwrap_or_default();
 
     for step in start_step..config.steps {
-        device.seed(config.seed.wrapping_add(step as u64 + 1));
+        // Router jitter draws from the device generator; under the initialisation lock, so that
+        // concurrent runs (branches) initialise reproducibly.
+        seed_device(&device, config.seed.wrapping_add(step as u64 + 1));
         let windows = train_windows(
             job.corpus,
             config.seed,
@@ -349,8 +396,8 @@ pub fn train(job: TrainJob) -> Result<TrainOutcome> {
                 line["routing"] = routing_line(&summaries);
             }
             job.run.append_metrics(&line)?;
-            if job.verbose {
-                bar.println(format_eval_line(&line));
+            if job.progress.shows() {
+                bar.println(format!("{}{}", bar.prefix(), format_eval_line(&line)));
             }
             window_loss = (0.0, 0);
             window_stats.clear();
@@ -358,7 +405,7 @@ pub fn train(job: TrainJob) -> Result<TrainOutcome> {
         }
         let stop = job.stop.load(Ordering::SeqCst) || job.stop_after == Some(done);
         if done % config.checkpoint_every == 0 || done == config.steps || stop {
-            last_checkpoint = save_checkpoint(&job, &model, &optim, done)?;
+            last_checkpoint = save_checkpoint(&job, &model, &optim, done, merge.as_ref())?;
         }
         if stop && done < config.steps {
             bar.abandon();

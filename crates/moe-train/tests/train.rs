@@ -1,63 +1,17 @@
 //! Training end to end on a tiny model: loss goes down, resume is exact, NaN stops the run.
 
+mod common;
+
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use burn::module::{Module, Param};
 use burn::prelude::*;
+use common::{job, tiny_model, tiny_train};
+use moe_core::RouterConfig;
 use moe_core::testing::{test_device, values};
-use moe_core::{MoeLayerConfig, RouterConfig};
-use moe_model::ModelConfig;
 use moe_model::checkpoint::{self, WEIGHTS_FILE};
-use moe_train::{
-    ByteTokenizer, Corpus, DataError, RunDir, Start, TrainConfig, TrainJob, evaluate, train,
-};
+use moe_train::{ByteTokenizer, Corpus, DataError, RunDir, Start, evaluate, train};
 use rstest::rstest;
-
-fn tiny_model(router: RouterConfig) -> ModelConfig {
-    ModelConfig::new()
-        .with_vocab_size(258)
-        .with_d_model(32)
-        .with_n_layers(2)
-        .with_n_heads(2)
-        .with_n_kv_heads(1)
-        .with_max_seq_len(32)
-        .with_moe(MoeLayerConfig::new(32, 32, 4).with_router(router))
-}
-
-fn tiny_train(steps: usize) -> TrainConfig {
-    TrainConfig::new()
-        .with_steps(steps)
-        .with_batch_size(8)
-        .with_seq_len(32)
-        .with_warmup_steps(5)
-        .with_eval_every(10)
-        .with_eval_windows(2)
-        .with_checkpoint_every(10)
-        .with_corpus_bytes(20_000)
-}
-
-fn job<'a>(
-    config: TrainConfig,
-    start: Start,
-    corpus: &'a Corpus,
-    run: RunDir,
-    device: &Device,
-) -> TrainJob<'a> {
-    TrainJob {
-        config,
-        start,
-        corpus,
-        data_source: "builtin".into(),
-        tokenizer: &ByteTokenizer,
-        run,
-        device: device.clone(),
-        verbose: false,
-        stop: Arc::new(AtomicBool::new(false)),
-        stop_after: None,
-    }
-}
 
 #[rstest]
 fn a_short_run_lowers_the_loss_and_reports_routing(

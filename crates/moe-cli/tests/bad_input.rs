@@ -1,0 +1,343 @@
+//! Every kind of bad input, given to the built `moe` binary: a non-zero exit, one line naming the
+//! input and the problem, no panic, and nothing on disk changed.
+//!
+//! With `MOE_RELIABILITY_TABLE=FILE` the test also writes the table of docs/reliability.md
+//! (input, command, what the user sees) from what the binary actually printed.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Every file under `root` with its contents, to prove a refused command changed nothing.
+fn snapshot(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                out.insert(path.clone(), Vec::new());
+                stack.push(path);
+            } else {
+                out.insert(path.clone(), std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    out
+}
+
+struct Fixture {
+    root: tempfile::TempDir,
+}
+
+impl Fixture {
+    /// A workspace with a tiny trained run, its checkpoint and assorted damaged inputs.
+    fn new() -> Self {
+        let root = tempfile::tempdir().unwrap();
+        let f = Self { root };
+        f.write(
+            "model.json",
+            r#"{"d_model": 32, "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "d_ff": 64,
+                "max_seq_len": 32, "moe": {"d_model": 32, "d_ff": 32, "n_experts": 4}}"#,
+        );
+        let o = f.moe(&[
+            "train",
+            "--steps",
+            "2",
+            "--out",
+            "run",
+            "--model-config",
+            "model.json",
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+            "--quiet",
+        ]);
+        assert!(o.0 == 0, "fixture training failed: {}", o.1);
+        let ckpt = std::fs::read_to_string(f.path("run/latest")).unwrap();
+        let ckpt = f.path("run").join(ckpt.trim());
+        copy_dir(&ckpt, &f.path("ckpt"));
+        for (name, damage) in [
+            ("truncated", Damage::Truncate),
+            ("empty-weights", Damage::Empty),
+            ("foreign", Damage::Foreign),
+        ] {
+            copy_dir(&ckpt, &f.path(name));
+            let w = f.path(name).join("model.bpk");
+            let bytes = std::fs::read(&w).unwrap();
+            let new = match damage {
+                Damage::Truncate => bytes[..bytes.len() / 2].to_vec(),
+                Damage::Empty => Vec::new(),
+                Damage::Foreign => b"PK\x03\x04 this is a zip file, not burnpack".repeat(50),
+            };
+            std::fs::write(w, new).unwrap();
+        }
+        std::fs::create_dir_all(f.path("empty-corpus")).unwrap();
+        std::fs::create_dir_all(f.path("binary-corpus")).unwrap();
+        std::fs::write(f.path("binary-corpus/blob.txt"), [0u8, 159, 146, 150, 0, 1]).unwrap();
+        std::fs::create_dir_all(f.path("llama")).unwrap();
+        f.write(
+            "llama/config.json",
+            r#"{"model_type": "llama", "hidden_size": 64}"#,
+        );
+        f.write("not-json.json", "steps: 10");
+        f.write("truncated.json", r#"{"steps": 10, "lr": 0.0"#);
+        f.write("list.json", "[1, 2, 3]");
+        f.write(
+            "k-over-e.json",
+            r#"{"moe": {"n_experts": 2, "router": {"top_k": 3}}}"#,
+        );
+        f.write("zero-experts.json", r#"{"moe": {"n_experts": 0}}"#);
+        f.write(
+            "heads.json",
+            r#"{"d_model": 100, "n_heads": 3, "n_kv_heads": 1}"#,
+        );
+        f.write("capacity.json", r#"{"moe": {"capacity_factor": 0.0}}"#);
+        f.write("negative-lr.json", r#"{"lr": -0.001}"#);
+        f.write("negative-aux.json", r#"{"aux_loss_coef": -1.0}"#);
+        f.write("wrong-type.json", r#"{"steps": "many"}"#);
+        f
+    }
+
+    fn path(&self, rel: &str) -> PathBuf {
+        self.root.path().join(rel)
+    }
+
+    fn write(&self, rel: &str, text: &str) {
+        std::fs::write(self.path(rel), text).unwrap();
+    }
+
+    /// Runs `moe` in the fixture directory; (exit code, stderr).
+    fn moe(&self, args: &[&str]) -> (i32, String) {
+        let o = Command::new(env!("CARGO_BIN_EXE_moe"))
+            .args(args)
+            .current_dir(self.root.path())
+            .output()
+            .expect("run moe");
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    }
+}
+
+enum Damage {
+    Truncate,
+    Empty,
+    Foreign,
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+    }
+}
+
+/// (what is wrong, command line, a phrase the message must contain)
+const CASES: &[(&str, &str, &str)] = &[
+    (
+        "missing checkpoint",
+        "generate nope --prompt hi",
+        "nope: No such file",
+    ),
+    (
+        "a file where a checkpoint directory is expected",
+        "generate model.json --prompt hi",
+        "is a file, expected a checkpoint directory",
+    ),
+    (
+        "a directory where a file is expected",
+        "train --config llama --out r",
+        "llama: Is a directory",
+    ),
+    (
+        "missing config file",
+        "train --config nope.json --out r",
+        "nope.json: No such file",
+    ),
+    (
+        "malformed JSON config",
+        "train --config not-json.json --out r",
+        "not-json.json: malformed JSON",
+    ),
+    (
+        "truncated JSON config",
+        "train --config truncated.json --out r",
+        "truncated.json: malformed JSON",
+    ),
+    (
+        "JSON that is not an object",
+        "train --model-config list.json --out r",
+        "expected a JSON object",
+    ),
+    (
+        "a field of the wrong type",
+        "train --config wrong-type.json --out r",
+        "wrong-type.json: invalid config",
+    ),
+    (
+        "top_k larger than the number of experts",
+        "train --model-config k-over-e.json --out r",
+        "top_k (3) must be between 1 and n_experts (2)",
+    ),
+    (
+        "zero experts",
+        "train --model-config zero-experts.json --out r",
+        "n_experts must be at least 1",
+    ),
+    (
+        "d_model not divisible by the heads",
+        "train --model-config heads.json --out r",
+        "d_model (100) must be divisible by n_heads (3)",
+    ),
+    (
+        "capacity factor <= 0",
+        "train --model-config capacity.json --out r",
+        "capacity_factor",
+    ),
+    (
+        "negative learning rate",
+        "train --config negative-lr.json --out r",
+        "lr must be in (0, 1]",
+    ),
+    (
+        "negative loss coefficient",
+        "train --config negative-aux.json --out r",
+        "aux_loss_coef must be >= 0",
+    ),
+    (
+        "zero steps",
+        "train --steps 0 --out r",
+        "steps must be at least 1",
+    ),
+    (
+        "truncated weights",
+        "generate truncated --prompt hi",
+        "truncated/model.bpk",
+    ),
+    (
+        "empty weights file",
+        "eval empty-weights",
+        "empty-weights/model.bpk",
+    ),
+    (
+        "foreign weights file",
+        "generate foreign --prompt hi",
+        "foreign/model.bpk",
+    ),
+    (
+        "Hugging Face directory of another model type",
+        "import-hf llama --out imported",
+        "model_type is 'llama'",
+    ),
+    (
+        "unknown device",
+        "train --device cuda:7 --out r",
+        "unknown device 'cuda:7'",
+    ),
+    (
+        "wgpu adapter that does not exist",
+        "generate ckpt --prompt hi --device wgpu:99",
+        "no wgpu adapter for 'wgpu:99'",
+    ),
+    (
+        "empty corpus directory",
+        "train --data empty-corpus --out r",
+        "empty-corpus: is empty",
+    ),
+    (
+        "binary corpus file",
+        "train --data binary-corpus --out r",
+        "blob.txt: looks binary",
+    ),
+    (
+        "prompt longer than the model's context",
+        "generate ckpt --prompt 0123456789012345678901234567890123456789",
+        "the prompt has 40 tokens but the model's context is 32",
+    ),
+    (
+        "existing run directory without --overwrite",
+        "train --steps 2 --out run",
+        "run: already exists; pass --overwrite",
+    ),
+    (
+        "resume of a directory that is not a run",
+        "train --resume --out nope",
+        "nope: no such run directory",
+    ),
+    (
+        "merge output that exists",
+        "merge ckpt ckpt --out run",
+        "run: already exists",
+    ),
+    (
+        "merge of non-dense branches",
+        "merge ckpt ckpt --out merged",
+        "not dense",
+    ),
+    (
+        "unknown flag",
+        "train --stepz 3",
+        "unexpected argument '--stepz'",
+    ),
+    (
+        "merge with one branch",
+        "merge ckpt --out m",
+        "2 values required",
+    ),
+    (
+        "branch on an unknown domain",
+        "branch --out b --domains klingon",
+        "unknown domain 'klingon'",
+    ),
+    (
+        "bench with zero tokens",
+        "bench --tokens 0",
+        "--tokens must be at least 1",
+    ),
+];
+
+#[test]
+fn every_bad_input_fails_with_one_line_and_changes_nothing() {
+    let f = Fixture::new();
+    let mut table =
+        String::from("| bad input | command | exit | what the user sees |\n|---|---|---|---|\n");
+    let mut failures = Vec::new();
+    for (what, cmd, expected) in CASES {
+        let before = snapshot(f.root.path());
+        let args: Vec<&str> = cmd.split_whitespace().collect();
+        let (code, err) = f.moe(&args);
+        let after = snapshot(f.root.path());
+        let line = err.trim_end();
+        let ok = code != 0
+            && !line.is_empty()
+            && line.lines().count() == 1
+            && line.starts_with("error: ")
+            && line.contains(expected)
+            && !line.contains("panicked")
+            && !line.contains("internal error")
+            && before == after;
+        if !ok {
+            let changed: Vec<_> = after
+                .keys()
+                .filter(|k| before.get(*k) != after.get(*k))
+                .chain(before.keys().filter(|k| !after.contains_key(*k)))
+                .collect();
+            failures.push(format!(
+                "{what}: `moe {cmd}` exit {code}, expected '{expected}', got:\n{err}\nchanged: {changed:?}"
+            ));
+        }
+        table += &format!(
+            "| {what} | `moe {cmd}` | {code} | `{}` |\n",
+            line.replace('|', "\\|")
+                .replace(&*f.root.path().to_string_lossy(), "…")
+        );
+    }
+    if let Ok(out) = std::env::var("MOE_RELIABILITY_TABLE") {
+        std::fs::write(out, &table).unwrap();
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}

@@ -1,0 +1,294 @@
+//! Branch training and merging (Branch-Train-MiX, Sukhbaatar et al., 2024): copies of one dense
+//! base model are trained independently, each on its own domain, then merged into one MoE whose
+//! experts are the branches' FFNs.
+//!
+//! Branches never communicate: [`train_branches`] runs them as threads of one process (each on
+//! its own device from a list, several may share one), and a single branch is an ordinary run,
+//! so branches can just as well run as separate processes on separate machines and be merged
+//! later with [`merge_checkpoints`].
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use burn::prelude::*;
+use indicatif::MultiProgress;
+use moe_core::MoeLayerConfig;
+use moe_model::checkpoint::{self, CheckpointWriter, TOKENIZER_FILE};
+use moe_model::merge::{architecture_mismatch, merge};
+use moe_model::{ModelConfig, MoeLm};
+use serde::{Deserialize, Serialize};
+
+use crate::config::TrainConfig;
+use crate::data::Corpus;
+use crate::error::{DataError, Result};
+use crate::eval::EvalReport;
+use crate::run::{RunDir, TrainerState};
+use crate::tokenizer::Tokenizer;
+use crate::train::{Progress, Start, TrainJob, TrainOutcome, train};
+
+/// One branch: a domain and the device it trains on.
+#[derive(Debug, Clone)]
+pub struct Branch {
+    /// The domain (a corpus domain name); also the branch's run directory under `out`.
+    pub domain: String,
+    /// The device.
+    pub device: Device,
+}
+
+/// Everything a set of branches needs.
+pub struct BranchJob<'a> {
+    /// The base every branch starts from: a fresh dense model from a config (the same seed
+    /// gives every branch the same weights) or a dense checkpoint.
+    pub base: Start,
+    /// Hyper-parameters, the same for every branch.
+    pub config: TrainConfig,
+    /// The corpus holding every branch's domain.
+    pub corpus: &'a Corpus,
+    /// "builtin" or the data directory, recorded in checkpoints.
+    pub data_source: String,
+    /// The tokenizer.
+    pub tokenizer: &'a dyn Tokenizer,
+    /// Branch `d` is written to `out/d` as an ordinary run directory.
+    pub out: PathBuf,
+    /// The branches.
+    pub branches: Vec<Branch>,
+    /// Replace existing branch run directories.
+    pub overwrite: bool,
+    /// Train the branches concurrently (threads) rather than one after another.
+    pub parallel: bool,
+    /// Progress bars (one per branch), or `None` for silence.
+    pub progress: Option<MultiProgress>,
+    /// Set from a signal handler: every branch finishes its step, checkpoints and stops.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// How one branch ended.
+#[derive(Debug)]
+pub struct BranchOutcome {
+    /// The branch's domain.
+    pub domain: String,
+    /// Its run directory.
+    pub run: PathBuf,
+    /// The finished run, or why it failed (the other branches are unaffected).
+    pub result: Result<TrainOutcome>,
+}
+
+/// Checks the base is dense and every domain exists; returns the base's config.
+fn check_job(job: &BranchJob) -> Result<()> {
+    let base: ModelConfig = match &job.base {
+        Start::Fresh(config) => config.clone(),
+        Start::From(path) => checkpoint::load_config(path)?,
+        Start::Resume => {
+            return Err(DataError::Branch(
+                "branches start from a base; resume a branch with `moe train --resume --out DIR/<domain>`".into(),
+            ));
+        }
+    };
+    if base.n_moe_layers() > 0 {
+        return Err(DataError::Branch(
+            "the base must be a dense model (its FFNs become the experts)".into(),
+        ));
+    }
+    if job.branches.is_empty() {
+        return Err(DataError::Branch("no domains to train".into()));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for b in &job.branches {
+        if !seen.insert(&b.domain) {
+            return Err(DataError::Branch(format!(
+                "domain '{}' is listed twice",
+                b.domain
+            )));
+        }
+    }
+    let domains: Vec<String> = job.branches.iter().map(|b| b.domain.clone()).collect();
+    job.corpus
+        .select(&domains)?
+        .check_window(job.config.seq_len + 1)
+}
+
+/// Trains one branch: its own run directory, its own domain's data.
+fn train_one(job: &BranchJob, branch: &Branch) -> Result<TrainOutcome> {
+    let corpus = job.corpus.select(std::slice::from_ref(&branch.domain))?;
+    let run = RunDir::create(&job.out.join(&branch.domain), job.overwrite)?;
+    run.write_config(&job.config)?;
+    train(TrainJob {
+        config: job.config.clone(),
+        start: job.base.clone(),
+        corpus: &corpus,
+        data_source: job.data_source.clone(),
+        tokenizer: job.tokenizer,
+        run,
+        device: branch.device.clone(),
+        progress: match &job.progress {
+            Some(bars) => Progress::Shared {
+                bars: bars.clone(),
+                label: branch.domain.clone(),
+            },
+            None => Progress::Hidden,
+        },
+        stop: job.stop.clone(),
+        stop_after: None,
+    })
+}
+
+/// Trains every branch, concurrently or one after another. An error before any branch starts
+/// (a base that is not dense, an unknown domain) is returned as such; a failing branch is
+/// reported in its outcome and leaves the others running and their checkpoints intact.
+pub fn train_branches(job: BranchJob) -> Result<Vec<BranchOutcome>> {
+    check_job(&job)?;
+    let outcome = |branch: &Branch, result| BranchOutcome {
+        domain: branch.domain.clone(),
+        run: job.out.join(&branch.domain),
+        result,
+    };
+    if !job.parallel {
+        return Ok(job
+            .branches
+            .iter()
+            .map(|b| outcome(b, train_one(&job, b)))
+            .collect());
+    }
+    Ok(std::thread::scope(|scope| {
+        let handles: Vec<_> = job
+            .branches
+            .iter()
+            .map(|b| scope.spawn(|| train_one(&job, b)))
+            .collect();
+        handles
+            .into_iter()
+            .zip(&job.branches)
+            .map(|(h, b)| {
+                let result = h.join().unwrap_or_else(|panic| {
+                    let msg = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "unknown panic".into());
+                    Err(DataError::Internal(msg))
+                });
+                outcome(b, result)
+            })
+            .collect()
+    }))
+}
+
+/// Where each expert of a merged model came from, saved as `merge.json` in its checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MergeInfo {
+    /// Expert `i` is the FFN of `experts[i]`.
+    pub experts: Vec<ExpertSource>,
+    /// Seed of the routers' initialisation.
+    pub seed: u64,
+}
+
+/// One merged expert's origin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExpertSource {
+    /// The branch checkpoint.
+    pub checkpoint: PathBuf,
+    /// The domains the branch trained on (from its trainer state; empty if it has none).
+    pub domains: Vec<String>,
+}
+
+/// The merge description file of a merged checkpoint.
+pub const MERGE_FILE: &str = "merge.json";
+
+impl MergeInfo {
+    /// Reads `merge.json` of checkpoint `dir`, or `None` for a checkpoint that is not a merge.
+    pub fn read(dir: &Path) -> Result<Option<Self>> {
+        let path = dir.join(MERGE_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| DataError::run(&path, format!("malformed merge description: {e}"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(DataError::io(path, e)),
+        }
+    }
+
+    /// For each domain with an expert of its own, the mean share (over MoE layers) of its
+    /// tokens' routing assignments that go to that expert (at most `1 / top_k`).
+    pub fn own_expert_shares(&self, report: &EvalReport) -> Vec<(String, f64)> {
+        let mut out = Vec::new();
+        for (d, domain) in report.domains.iter().enumerate() {
+            let Some(expert) = self.experts.iter().position(|e| e.domains.contains(domain)) else {
+                continue;
+            };
+            let shares: Vec<f64> = report
+                .tables
+                .iter()
+                .filter_map(|t| t.shares.get(d).and_then(|row| row.get(expert)).copied())
+                .collect();
+            if !shares.is_empty() {
+                out.push((
+                    domain.clone(),
+                    shares.iter().sum::<f64>() / shares.len() as f64,
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Merges branch checkpoints into an MoE model (expert `i` from `branches[i]`) on `device`.
+/// Architectures and tokenizers must match; errors name the offending checkpoint.
+/// Returns the model, the shared tokenizer description and the merge description.
+pub fn merge_checkpoints(
+    branches: &[PathBuf],
+    moe: MoeLayerConfig,
+    seed: u64,
+    device: &Device,
+) -> Result<(MoeLm, Option<serde_json::Value>, MergeInfo)> {
+    let configs = branches
+        .iter()
+        .map(|p| checkpoint::load_config(p))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    for (path, config) in branches.iter().zip(&configs) {
+        if let Some(problem) = architecture_mismatch(&configs[0], config) {
+            return Err(DataError::run(path, problem));
+        }
+    }
+    let mut models = Vec::new();
+    let mut tokenizer = None;
+    let mut experts = Vec::new();
+    for (i, path) in branches.iter().enumerate() {
+        let ckpt = checkpoint::load(path, device)?;
+        if i > 0 && ckpt.tokenizer != tokenizer {
+            return Err(DataError::run(
+                path,
+                "has a different tokenizer from the first branch",
+            ));
+        }
+        tokenizer = ckpt.tokenizer;
+        let domains = match TrainerState::read(path) {
+            Ok(state) => state.domains,
+            Err(_) => Vec::new(),
+        };
+        experts.push(ExpertSource {
+            checkpoint: path.clone(),
+            domains,
+        });
+        models.push(ckpt.model);
+    }
+    let model = merge(models, moe, seed)?;
+    Ok((model, tokenizer, MergeInfo { experts, seed }))
+}
+
+/// Writes a merged model as a checkpoint with its tokenizer and `merge.json`, atomically.
+pub fn save_merged(
+    dir: &Path,
+    model: &MoeLm,
+    tokenizer: Option<&serde_json::Value>,
+    info: &MergeInfo,
+    overwrite: bool,
+) -> Result<PathBuf> {
+    let writer = CheckpointWriter::new(dir)?;
+    writer.write_model(model)?;
+    if let Some(t) = tokenizer {
+        writer.write_json(TOKENIZER_FILE, t)?;
+    }
+    writer.write_json(MERGE_FILE, info)?;
+    Ok(writer.commit(overwrite)?)
+}
