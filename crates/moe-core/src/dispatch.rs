@@ -76,6 +76,9 @@ pub enum LayoutChoice {
     DroplessPadded,
     /// Exact runs per expert; nothing dropped.
     DroplessSegments,
+    /// Padded blocks, or exact runs when padding would more than double the rows; nothing
+    /// dropped.
+    DroplessAuto,
 }
 
 impl TokenDispatch {
@@ -109,11 +112,22 @@ impl TokenDispatch {
             .reshape([a])
             .sub_scalar(1); // [A]
 
-        let segments = match choice {
-            LayoutChoice::DroplessSegments => {
-                Some(host_ints(routed.clone())).filter(|c| c.iter().any(|&n| n > 0))
+        // Dropless layouts read the E loads back (E integers, never the scores).
+        let (segments, busiest) = match choice {
+            LayoutChoice::Capacity(_) => (None, None),
+            LayoutChoice::DroplessPadded => (
+                None,
+                Some(routed.clone().max().into_scalar::<i64>() as usize),
+            ),
+            LayoutChoice::DroplessSegments | LayoutChoice::DroplessAuto => {
+                let counts = host_ints(routed.clone());
+                let busiest = counts.iter().copied().max().unwrap_or(0);
+                let total: usize = counts.iter().sum();
+                let segments = total > 0
+                    && (choice == LayoutChoice::DroplessSegments
+                        || n_experts * busiest > 2 * total);
+                (segments.then_some(counts), Some(busiest))
             }
-            _ => None,
         };
         let (row, keep, layout, load) = match segments {
             Some(counts) => {
@@ -134,7 +148,7 @@ impl TokenDispatch {
             None => {
                 let capacity = match choice {
                     LayoutChoice::Capacity(c) => c,
-                    _ => routed.clone().max().into_scalar::<i64>() as usize,
+                    _ => busiest.unwrap_or(0),
                 }
                 .max(1);
                 let row = flat.mul_scalar(capacity as i64) + rank.clone();
@@ -215,4 +229,42 @@ fn host_ints(t: Tensor<1, Int>) -> Vec<usize> {
         .into_iter()
         .map(|v| v as usize)
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(experts: &[[i64; 2]], choice: LayoutChoice) -> ExpertLayout {
+        let device = Device::flex();
+        let flat: Vec<i64> = experts.iter().flatten().copied().collect();
+        let experts =
+            Tensor::<1, Int>::from_ints(flat.as_slice(), &device).reshape([flat.len() / 2, 2]);
+        TokenDispatch::plan(experts, None, 8, choice).layout
+    }
+
+    #[test]
+    fn auto_pads_even_loads_and_cuts_runs_for_skewed_ones() {
+        let even = [[0, 1], [2, 3], [1, 0], [3, 2]];
+        assert_eq!(
+            layout(&even, LayoutChoice::DroplessAuto),
+            ExpertLayout::Padded { capacity: 2 }
+        );
+        // 8 experts, 8 assignments. Even: 4 experts take 2 each, padding to 2 rows each makes
+        // 16 rows, exactly double: still padded. Skewed: expert 0 takes 4, padding would make
+        // 32 rows for 8: runs.
+        let skewed = [[0, 1], [0, 2], [0, 3], [0, 1]];
+        assert_eq!(
+            layout(&skewed, LayoutChoice::DroplessAuto),
+            ExpertLayout::Segments {
+                counts: vec![4, 2, 1, 1, 0, 0, 0, 0]
+            }
+        );
+        assert_eq!(
+            layout(&even, LayoutChoice::DroplessSegments),
+            ExpertLayout::Segments {
+                counts: vec![2, 2, 2, 2, 0, 0, 0, 0]
+            }
+        );
+    }
 }

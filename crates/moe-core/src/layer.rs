@@ -14,7 +14,9 @@ use crate::stats::RoutingStats;
 /// How the experts' matmuls are issued in dropless mode.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
 pub enum ExpertCompute {
-    /// Segments for inference with few experts, padded batches otherwise.
+    /// Padded batches in training; in inference padded batches unless padding would more than
+    /// double the rows (very uneven loads), then segments. Batched matmuls are the fast path
+    /// measured on every backend here (one kernel, no per-expert loop; see docs/benchmarks.md).
     Auto,
     /// One batched matmul over `[E, C, d]` blocks padded to the busiest expert.
     Padded,
@@ -201,7 +203,7 @@ impl MoeLayer {
         let e = self.router.n_experts();
         let k = self.router.config.top_k;
         let device = x.device();
-        let capacity = |cf: f64| ((cf * (t * k) as f64 / e as f64).ceil() as usize).clamp(1, t);
+        let capacity = |cf: f64| self.capacity(t, cf);
 
         let routing = self.router.forward(
             x.clone(),
@@ -216,15 +218,7 @@ impl MoeLayer {
 
         let (mut output, routed, load, dropped, requested) = match routing.assignment {
             Assignment::TokenChoice { experts, weights } => {
-                let choice = match (self.capacity_factor, self.compute) {
-                    (Some(cf), _) => LayoutChoice::Capacity(capacity(cf)),
-                    (None, ExpertCompute::Padded) => LayoutChoice::DroplessPadded,
-                    (None, ExpertCompute::Segments) => LayoutChoice::DroplessSegments,
-                    (None, ExpertCompute::Auto) if device.is_autodiff() => {
-                        LayoutChoice::DroplessPadded
-                    }
-                    (None, ExpertCompute::Auto) => LayoutChoice::DroplessSegments,
-                };
+                let choice = self.layout_choice(t, device.is_autodiff());
                 let plan = TokenDispatch::plan(experts, valid, e, choice);
                 let output = plan.apply(&self.experts, x.clone(), weights);
                 let dropped = plan.dropped();
@@ -279,6 +273,24 @@ impl MoeLayer {
             tokens,
         };
         MoeOutput { output, aux, stats }
+    }
+
+    /// Per-expert capacity `ceil(cf * T * k / E)` for `t` tokens, at least 1 and at most `t`.
+    fn capacity(&self, t: usize, cf: f64) -> usize {
+        let (e, k) = (self.router.n_experts(), self.router.config.top_k);
+        ((cf * (t * k) as f64 / e as f64).ceil() as usize).clamp(1, t)
+    }
+
+    /// The token-choice dispatch layout for `t` tokens, in training or inference.
+    pub fn layout_choice(&self, t: usize, training: bool) -> LayoutChoice {
+        match (self.capacity_factor, self.compute) {
+            (Some(cf), _) => LayoutChoice::Capacity(self.capacity(t, cf)),
+            (None, ExpertCompute::Padded) => LayoutChoice::DroplessPadded,
+            (None, ExpertCompute::Segments) => LayoutChoice::DroplessSegments,
+            // Slicing stacked weights costs a full-size gradient per expert in the backward pass.
+            (None, ExpertCompute::Auto) if training => LayoutChoice::DroplessPadded,
+            (None, ExpertCompute::Auto) => LayoutChoice::DroplessAuto,
+        }
     }
 
     /// Auxiliary-loss-free balancing (DeepSeek-V3): after an optimizer step, moves each expert's

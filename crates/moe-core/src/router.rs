@@ -249,12 +249,33 @@ impl Router {
     }
 }
 
-/// Indices of the k largest entries of each row. x: `[R, N]` -> `[R, k]`, k <= N.
+/// Up to this k, top-k is k rounds of arg-max (each masking its pick) instead of a sort.
+const ARGMAX_TOP_K: usize = 4;
+
+/// Indices of the k largest entries of each row, largest first. x: `[R, N]` -> `[R, k]`,
+/// k <= N.
 ///
 /// The input is first copied into a contiguous layout (a reshape through 1-D cannot be a view of
 /// a strided tensor): in burn 0.22.1 wgpu's top-k returns wrong indices for a transposed input.
-/// `topk_with_indices` rather than `argtopk`, which refuses k == N.
+/// Small k (token choice) takes k arg-max passes, which costs O(k N) per row against the sort
+/// behind Burn's top-k on the CPU backends (measured in docs/benchmarks.md); large k (expert
+/// choice capacities) uses `topk_with_indices` (rather than `argtopk`, which refuses k == N).
 fn top_k_indices(x: Tensor<2>, k: usize) -> Tensor<2, Int> {
     let [r, n] = x.dims();
-    x.reshape([r * n]).reshape([r, n]).topk_with_indices(k, 1).1
+    let x = x.reshape([r * n]).reshape([r, n]);
+    if k > ARGMAX_TOP_K || k >= n {
+        return x.topk_with_indices(k, 1).1;
+    }
+    let columns = Tensor::<1, Int>::arange(0..n as i64, &x.device()).reshape([1, n]);
+    let mut rest = x;
+    let mut picks = Vec::with_capacity(k);
+    for round in 0..k {
+        let pick = rest.clone().argmax(1); // [R, 1]
+        if round + 1 < k {
+            let taken = columns.clone().equal(pick.clone()); // [R, N]
+            rest = rest.mask_fill(taken, f32::NEG_INFINITY);
+        }
+        picks.push(pick);
+    }
+    Tensor::cat(picks, 1)
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use moe_core::dispatch::{LayoutChoice, TokenDispatch};
+use moe_core::dispatch::TokenDispatch;
 use moe_core::router::Assignment;
 use moe_core::{ExpertCompute, MoeLayer, MoeLayerConfig, RouterConfig, SwiGluFfn, SwiGluFfnConfig};
 use moe_model::{FfnPlan, ModelConfig};
@@ -297,9 +297,9 @@ pub fn cases(s: &BenchSizes, device: &Device) -> Vec<BenchCase> {
             device,
         ),
         moe_case(
-            "moe_top2_padded_fwd",
+            "moe_top2_segments_fwd",
             s,
-            e8(RouterConfig::mixtral()).with_compute(ExpertCompute::Padded),
+            e8(RouterConfig::mixtral()).with_compute(ExpertCompute::Segments),
             false,
             device,
         ),
@@ -342,9 +342,9 @@ pub fn cases(s: &BenchSizes, device: &Device) -> Vec<BenchCase> {
         dense_case("dense_total_e64_fwd", s, dense_total, false, device),
         moe_case("moe_e64_top2_fwd", s, e64.clone(), false, device),
         moe_case(
-            "moe_e64_top2_padded_fwd",
+            "moe_e64_top2_segments_fwd",
             s,
-            e64.with_compute(ExpertCompute::Padded),
+            e64.with_compute(ExpertCompute::Segments),
             false,
             device,
         ),
@@ -403,10 +403,7 @@ pub fn breakdown(
     let Assignment::TokenChoice { experts, weights } = routing.assignment else {
         unreachable!("the breakdown is of token-choice routing")
     };
-    let choice = match config.compute {
-        ExpertCompute::Padded => LayoutChoice::DroplessPadded,
-        _ => LayoutChoice::DroplessSegments,
-    };
+    let choice = layer.layout_choice(t, false);
     let plan = TokenDispatch::plan(experts.clone(), None, e, choice);
     let buffer = x.clone().select(0, plan.source.clone());
     let y = plan.layout.run(&layer.experts, buffer.clone());
