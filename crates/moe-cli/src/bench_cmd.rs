@@ -46,7 +46,8 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
             a.device, sizes.tokens, sizes.d_model
         );
     }
-    let report = run(&device, &a.device, &sizes, &budget);
+    let report = run(&device, &a.device, &sizes, &budget)
+        .map_err(|e| anyhow::anyhow!("{}: the device failed: {e}", a.device))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -78,6 +79,12 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
             None => String::new(),
         };
         println!("{name:<30} {value:>8.2}  {verdict}");
+    }
+    for f in &report.failed {
+        println!(
+            "\n{} could not run on {}: {}",
+            f.name, report.device, f.error
+        );
     }
     for b in &report.breakdown {
         println!("\nwhere {} spends its time (ms per call):", b.case);

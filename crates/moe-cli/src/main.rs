@@ -55,7 +55,13 @@ fn main() -> ExitCode {
             .map(String::as_str)
             .or_else(|| info.payload().downcast_ref::<&str>().copied())
             .unwrap_or("unknown panic");
-        eprintln!("error: internal error: {msg}");
+        // Backend errors carry multi-line causes; the user gets one line.
+        let msg: Vec<&str> = msg
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        eprintln!("error: internal error: {}", msg.join(" / "));
     }));
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -14,9 +14,9 @@ use crate::stats::RoutingStats;
 /// How the experts' matmuls are issued in dropless mode.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
 pub enum ExpertCompute {
-    /// Padded batches in training; in inference padded batches unless padding would more than
-    /// double the rows (very uneven loads), then segments. Batched matmuls are the fast path
-    /// measured on every backend here (one kernel, no per-expert loop; see docs/benchmarks.md).
+    /// Padded batches in training; in inference, segments when experts get many rows each or
+    /// loads are very uneven, padded batches otherwise (see
+    /// [`SEGMENT_MIN_ROWS`](crate::dispatch::SEGMENT_MIN_ROWS)).
     Auto,
     /// One batched matmul over `[E, C, d]` blocks padded to the busiest expert.
     Padded,

@@ -201,6 +201,45 @@ fn same_output_on_every_backend(#[values("ndarray", "wgpu")] backend: &str) {
     }
 }
 
+/// A zero gate makes every score equal: ties must still give k distinct experts with equal
+/// weights (token choice) or C distinct tokens (expert choice), for one token or many.
+#[rstest]
+fn all_equal_scores_still_route_correctly(
+    #[values("flex", "ndarray", "wgpu")] backend: &str,
+    #[values(1, 5)] tokens: usize,
+) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    for router in [RouterConfig::mixtral(), RouterConfig::expert_choice(2)] {
+        let mut layer = MoeLayerConfig::new(D, F, 4)
+            .with_router(router)
+            .init(&device);
+        let gate = layer.router.gate.weight.val();
+        layer.router.gate.weight = Param::from_tensor(gate.zeros_like());
+        let (x, _) = random_input(tokens, D, 3, &device);
+        let out = layer.forward_tokens(x.clone(), None);
+        assert!(values(out.output.clone()).iter().all(|v| v.is_finite()));
+        match layer.router.forward(x, None, tokens).assignment {
+            moe_core::Assignment::TokenChoice { experts, weights } => {
+                let ex = ints(experts);
+                assert_ne!(ex[0], ex[1], "distinct experts under ties: {ex:?}");
+                assert!(values(weights).iter().all(|w| (w - 0.5).abs() < 1e-6));
+                // Ties go to the lowest index, as in the reference.
+                check_against_reference(&layer, tokens, 3, &device);
+            }
+            moe_core::Assignment::ExpertChoice { tokens: picks, .. } => {
+                for row in ints(picks).chunks(tokens) {
+                    let mut r = row.to_vec();
+                    r.sort();
+                    r.dedup();
+                    assert_eq!(r.len(), tokens, "distinct tokens per expert: {row:?}");
+                }
+            }
+        }
+    }
+}
+
 #[rstest]
 fn routing_picks_k_distinct_experts_with_unit_weights(
     #[values("flex", "ndarray", "wgpu")] backend: &str,

@@ -128,10 +128,24 @@ pub fn save(
     tokenizer: Option<&serde_json::Value>,
     overwrite: bool,
 ) -> Result<PathBuf> {
+    save_with(dir, model, tokenizer, &[], overwrite)
+}
+
+/// [`save`] with extra JSON files (name, content) in the checkpoint.
+pub fn save_with(
+    dir: &Path,
+    model: &MoeLm,
+    tokenizer: Option<&serde_json::Value>,
+    extra: &[(&str, serde_json::Value)],
+    overwrite: bool,
+) -> Result<PathBuf> {
     let writer = CheckpointWriter::new(dir)?;
     writer.write_model(model)?;
     if let Some(t) = tokenizer {
         writer.write_json(TOKENIZER_FILE, t)?;
+    }
+    for (name, value) in extra {
+        writer.write_json(name, value)?;
     }
     writer.commit(overwrite)
 }

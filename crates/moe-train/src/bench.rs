@@ -97,12 +97,12 @@ pub struct BenchCase {
     /// Draws a fresh input on the device (not timed).
     pub fresh: Box<dyn Fn() -> BenchInput>,
     /// Processes one input and returns the read-back scalar (timed).
-    pub run: Box<dyn Fn(BenchInput) -> f32>,
+    pub run: Box<dyn Fn(BenchInput) -> Read>,
 }
 
 impl BenchCase {
     /// Median seconds per call.
-    pub fn measure(&self, budget: &BenchBudget) -> f64 {
+    pub fn measure(&self, budget: &BenchBudget) -> Read<f64> {
         measure(budget, &|| (self.fresh)(), &|x| (self.run)(x))
     }
 }
@@ -144,12 +144,31 @@ pub struct BenchReport {
     pub ratios: BTreeMap<String, f64>,
     /// Time per stage of MoE forward passes.
     pub breakdown: Vec<Breakdown>,
+    /// Cases the device could not run, with why (e.g. a buffer over the adapter's limit).
+    pub failed: Vec<FailedCase>,
 }
+
+/// A case the device could not run.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailedCase {
+    /// Case name.
+    pub name: String,
+    /// The device's error, one line.
+    pub error: String,
+}
+
+/// A value read back from the device, or why the device could not produce it (e.g. a buffer
+/// larger than the adapter allows), as one line.
+pub type Read<T = f32> = Result<T, String>;
 
 /// Median seconds per call of `run` on inputs from `fresh` (drawn outside the timer), after a
 /// warm-up call.
-pub fn measure<I>(budget: &BenchBudget, fresh: &dyn Fn() -> I, run: &dyn Fn(I) -> f32) -> f64 {
-    run(fresh());
+pub fn measure<I>(
+    budget: &BenchBudget,
+    fresh: &dyn Fn() -> I,
+    run: &dyn Fn(I) -> Read,
+) -> Read<f64> {
+    run(fresh())?;
     let mut times = Vec::new();
     let start = Instant::now();
     while times.len() < budget.min_iters
@@ -157,11 +176,11 @@ pub fn measure<I>(budget: &BenchBudget, fresh: &dyn Fn() -> I, run: &dyn Fn(I) -
     {
         let x = fresh();
         let t = Instant::now();
-        std::hint::black_box(run(x));
+        std::hint::black_box(run(x)?);
         times.push(t.elapsed().as_secs_f64());
     }
     times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+    Ok(times[times.len() / 2])
 }
 
 /// Random hidden states `[tokens, d]`, complete on the device before any timer starts.
@@ -171,14 +190,57 @@ fn input(tokens: usize, d: usize, device: &Device) -> Tensor<2> {
     x
 }
 
-fn read_back(t: Tensor<2>) -> f32 {
-    t.sum().into_scalar()
+fn read_back<const D: usize>(t: Tensor<D>) -> Read {
+    t.sum().try_into_scalar::<f32>().map_err(|e| {
+        format!("{e:?}")
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    })
 }
 
 fn hidden(x: BenchInput) -> Tensor<2> {
     match x {
         BenchInput::Hidden(x) => x,
         BenchInput::Tokens(_) => unreachable!("layer cases take hidden states"),
+    }
+}
+
+/// A case of one layer on `[T, d_model]` hidden states; `backward` adds the backward pass of
+/// the output's sum.
+fn layer_case(
+    name: &str,
+    s: &BenchSizes,
+    backward: bool,
+    device: Device,
+    flops_per_token: f64,
+    forward: impl Fn(Tensor<2>) -> Tensor<2> + 'static,
+) -> BenchCase {
+    let (t, d) = (s.tokens, s.d_model);
+    let fwd = flops_per_token * t as f64;
+    BenchCase {
+        name: name.into(),
+        tokens: t,
+        flops: if backward { 3.0 * fwd } else { fwd },
+        fresh: Box::new(move || BenchInput::Hidden(input(t, d, &device))),
+        run: Box::new(move |x| {
+            let y = forward(hidden(x));
+            if backward {
+                std::hint::black_box(y.clone().sum().backward());
+            }
+            read_back(y)
+        }),
+    }
+}
+
+/// The device a case runs on: with autodiff for forward+backward.
+fn case_device(device: &Device, backward: bool) -> Device {
+    if backward {
+        device.clone().autodiff()
+    } else {
+        device.clone()
     }
 }
 
@@ -190,31 +252,10 @@ pub fn dense_case(
     backward: bool,
     device: &Device,
 ) -> BenchCase {
-    let device = if backward {
-        device.clone().autodiff()
-    } else {
-        device.clone()
-    };
+    let device = case_device(device, backward);
     let ffn: SwiGluFfn = SwiGluFfnConfig::new(s.d_model, d_ff).init(&device);
-    let (t, d) = (s.tokens, s.d_model);
-    let fwd = 2.0 * ffn.num_params() as f64 * t as f64;
-    BenchCase {
-        name: name.into(),
-        tokens: t,
-        flops: if backward { 3.0 * fwd } else { fwd },
-        fresh: Box::new({
-            let device = device.clone();
-            move || BenchInput::Hidden(input(t, d, &device))
-        }),
-        run: Box::new(move |x| {
-            let y = ffn.forward(hidden(x));
-            if backward {
-                let g = y.clone().sum().backward();
-                std::hint::black_box(g);
-            }
-            read_back(y)
-        }),
-    }
+    let flops = 2.0 * ffn.num_params() as f64;
+    layer_case(name, s, backward, device, flops, move |x| ffn.forward(x))
 }
 
 /// An MoE layer case, forward or forward+backward.
@@ -225,28 +266,12 @@ pub fn moe_case(
     backward: bool,
     device: &Device,
 ) -> BenchCase {
-    let device = if backward {
-        device.clone().autodiff()
-    } else {
-        device.clone()
-    };
-    let fwd = config.accounting().flops_per_token as f64 * s.tokens as f64;
+    let device = case_device(device, backward);
+    let flops = config.accounting().flops_per_token as f64;
     let layer: MoeLayer = config.init(&device);
-    let (t, d) = (s.tokens, s.d_model);
-    BenchCase {
-        name: name.into(),
-        tokens: t,
-        flops: if backward { 3.0 * fwd } else { fwd },
-        fresh: Box::new(move || BenchInput::Hidden(input(t, d, &device))),
-        run: Box::new(move |x| {
-            let y = layer.forward_tokens(hidden(x), None).output;
-            if backward {
-                let g = y.clone().sum().backward();
-                std::hint::black_box(g);
-            }
-            read_back(y)
-        }),
-    }
+    layer_case(name, s, backward, device, flops, move |x| {
+        layer.forward_tokens(x, None).output
+    })
 }
 
 /// A whole-model forward case: batches of 16 x 128 tokens through `config`.
@@ -270,8 +295,7 @@ pub fn model_case(name: &str, config: &ModelConfig, device: &Device) -> BenchCas
             let BenchInput::Tokens(tokens) = tokens else {
                 unreachable!("model cases take token ids")
             };
-            let logits = model.forward(tokens, None).logits;
-            logits.sum().into_scalar()
+            read_back(model.forward(tokens, None).logits)
         }),
     }
 }
@@ -378,13 +402,13 @@ pub const RATIOS: [(&str, &str, &str); 4] = [
 ];
 
 /// Plain matmul GFLOP/s: `[T, d] x [d, 4d]`, the dense FFN's first projection.
-pub fn matmul_gflops(s: &BenchSizes, budget: &BenchBudget, device: &Device) -> f64 {
+pub fn matmul_gflops(s: &BenchSizes, budget: &BenchBudget, device: &Device) -> Read<f64> {
     let (t, d) = (s.tokens, s.d_model);
     let w = Tensor::<2>::random([d, 4 * d], Distribution::Normal(0.0, 1.0), device);
     let secs = measure(budget, &|| input(t, d, device), &|x| {
         read_back(x.matmul(w.clone()))
-    });
-    2.0 * (t * d * 4 * d) as f64 / secs / 1e9
+    })?;
+    Ok(2.0 * (t * d * 4 * d) as f64 / secs / 1e9)
 }
 
 /// Times the stages of an MoE forward pass separately (each stage ends with a read-back, so
@@ -395,7 +419,7 @@ pub fn breakdown(
     config: MoeLayerConfig,
     budget: &BenchBudget,
     device: &Device,
-) -> Breakdown {
+) -> Read<Breakdown> {
     let layer = config.init(device);
     let (t, d, e) = (s.tokens, s.d_model, config.n_experts);
     let x = input(t, d, device);
@@ -408,20 +432,20 @@ pub fn breakdown(
     let buffer = x.clone().select(0, plan.source.clone());
     let y = plan.layout.run(&layer.experts, buffer.clone());
     // Each stage is timed on the same prepared input; fresh inputs matter for whole passes only.
-    let ms = |f: &dyn Fn(()) -> f32| 1e3 * measure(budget, &|| (), f);
+    let ms = |f: &dyn Fn(()) -> Read| measure(budget, &|| (), f).map(|s| 1e3 * s);
     let stages = vec![
         (
             "router (gate matmul, softmax, top-k)".to_string(),
             ms(&|()| {
                 let r = layer.router.forward(x.clone(), None, t);
-                r.probs.sum().into_scalar()
+                read_back(r.probs)
             }),
         ),
         (
             "dispatch plan (counts, ranks, rows)".to_string(),
             ms(&|()| {
                 let p = TokenDispatch::plan(experts.clone(), None, e, choice);
-                p.source.sum().into_scalar::<i64>() as f32
+                read_back(p.source.float())
             }),
         ),
         (
@@ -451,23 +475,37 @@ pub fn breakdown(
             ms(&|()| read_back(layer.forward_tokens(x.clone(), None).output)),
         ),
     ];
-    Breakdown {
+    Ok(Breakdown {
         case: name.into(),
-        stages,
-    }
+        stages: stages
+            .into_iter()
+            .map(|(stage, ms)| ms.map(|ms| (stage, ms)))
+            .collect::<Read<_>>()?,
+    })
 }
 
-/// Runs every case and computes the ratios and breakdowns.
+/// Runs every case and computes the ratios and breakdowns. A case the device cannot run is
+/// listed in `failed` (its ratios are left out); only a failing plain matmul fails the run.
 pub fn run(
     device: &Device,
     device_name: &str,
     sizes: &BenchSizes,
     budget: &BenchBudget,
-) -> BenchReport {
-    let matmul = matmul_gflops(sizes, budget, device);
+) -> Read<BenchReport> {
+    let matmul = matmul_gflops(sizes, budget, device)?;
     let mut results = Vec::new();
+    let mut failed = Vec::new();
     for case in cases(sizes, device) {
-        let secs = case.measure(budget);
+        let secs = match case.measure(budget) {
+            Ok(secs) => secs,
+            Err(error) => {
+                failed.push(FailedCase {
+                    name: case.name,
+                    error,
+                });
+                continue;
+            }
+        };
         let gflops = case.flops / secs / 1e9;
         results.push(CaseResult {
             name: case.name,
@@ -487,39 +525,28 @@ pub fn run(
         .iter()
         .filter_map(|(ratio, moe, dense)| Some((ratio.to_string(), tps(moe)? / tps(dense)?)))
         .collect();
-    let breakdown = vec![
-        breakdown(
-            "moe_top2_fwd",
-            sizes,
-            moe_config(
-                sizes,
-                sizes.experts,
-                sizes.expert_d_ff,
-                RouterConfig::mixtral(),
-            ),
-            budget,
-            device,
-        ),
-        breakdown(
-            "moe_e64_top2_fwd",
-            sizes,
-            moe_config(
-                sizes,
-                sizes.fine_experts,
-                sizes.fine_d_ff,
-                RouterConfig::mixtral(),
-            ),
-            budget,
-            device,
-        ),
-    ];
-    BenchReport {
+    let mut breakdowns = Vec::new();
+    for (name, experts, d_ff) in [
+        ("moe_top2_fwd", sizes.experts, sizes.expert_d_ff),
+        ("moe_e64_top2_fwd", sizes.fine_experts, sizes.fine_d_ff),
+    ] {
+        let config = moe_config(sizes, experts, d_ff, RouterConfig::mixtral());
+        match breakdown(name, sizes, config, budget, device) {
+            Ok(b) => breakdowns.push(b),
+            Err(error) => failed.push(FailedCase {
+                name: format!("breakdown of {name}"),
+                error,
+            }),
+        }
+    }
+    Ok(BenchReport {
         device: device_name.into(),
         matmul_gflops: matmul,
         cases: results,
         ratios,
-        breakdown,
-    }
+        breakdown: breakdowns,
+        failed,
+    })
 }
 
 #[cfg(test)]
@@ -541,7 +568,8 @@ mod tests {
             min_time: Duration::ZERO,
             max_iters: 1,
         };
-        let report = run(&Device::flex(), "flex", &sizes, &budget);
+        let report = run(&Device::flex(), "flex", &sizes, &budget).unwrap();
+        assert!(report.failed.is_empty(), "{:?}", report.failed);
         assert_eq!(report.cases.len(), 14);
         for c in &report.cases {
             assert!(c.tokens_per_s.is_finite() && c.tokens_per_s > 0.0, "{c:?}");

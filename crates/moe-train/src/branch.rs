@@ -14,7 +14,7 @@ use std::sync::atomic::AtomicBool;
 use burn::prelude::*;
 use indicatif::MultiProgress;
 use moe_core::MoeLayerConfig;
-use moe_model::checkpoint::{self, CheckpointWriter, TOKENIZER_FILE};
+use moe_model::checkpoint;
 use moe_model::merge::{architecture_mismatch, merge};
 use moe_model::{ModelConfig, MoeLm};
 use serde::{Deserialize, Serialize};
@@ -284,11 +284,12 @@ pub fn save_merged(
     info: &MergeInfo,
     overwrite: bool,
 ) -> Result<PathBuf> {
-    let writer = CheckpointWriter::new(dir)?;
-    writer.write_model(model)?;
-    if let Some(t) = tokenizer {
-        writer.write_json(TOKENIZER_FILE, t)?;
-    }
-    writer.write_json(MERGE_FILE, info)?;
-    Ok(writer.commit(overwrite)?)
+    let info = serde_json::to_value(info).expect("a merge description always serialises");
+    Ok(checkpoint::save_with(
+        dir,
+        model,
+        tokenizer,
+        &[(MERGE_FILE, info)],
+        overwrite,
+    )?)
 }

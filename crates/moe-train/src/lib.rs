@@ -3,7 +3,8 @@
 //! Data, training loops and evaluation for `moe` models: a byte-level tokenizer behind a
 //! [`Tokenizer`] trait, a built-in four-domain corpus (code, arithmetic, English, Spanish) and
 //! user corpora, the joint training loop with balancing losses or bias updates, exact resume,
-//! evaluation with per-domain losses and domain x expert routing tables, and SVG reports.
+//! branch training and merging (Branch-Train-MiX), evaluation with per-domain losses and
+//! domain x expert routing tables, SVG reports, and the MoE-vs-dense benchmark cases.
 //!
 //! ```no_run
 //! use moe_train::{ByteTokenizer, Corpus, TrainConfig};
