@@ -1,6 +1,6 @@
 //! Arguments and config-file handling shared by several commands.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
@@ -10,9 +10,6 @@ use moe_train::TrainConfig;
 /// Training hyper-parameter flags (`moe train`, `moe branch`).
 #[derive(Args, Debug)]
 pub struct TrainFlags {
-    /// Training config JSON (the fields of train.json); flags override it.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
     /// Optimizer steps (default 600).
     #[arg(long)]
     pub steps: Option<usize>,
@@ -37,9 +34,14 @@ pub struct TrainFlags {
 }
 
 impl TrainFlags {
-    /// The training config: `--config` over the defaults (or `saved` when resuming), then flags.
-    pub fn resolve(&self, saved: Option<TrainConfig>) -> anyhow::Result<TrainConfig> {
-        let mut c = match (&self.config, saved) {
+    /// The training config: the JSON file `file` over the defaults (or `saved` when resuming),
+    /// then these flags.
+    pub fn resolve(
+        &self,
+        file: Option<&Path>,
+        saved: Option<TrainConfig>,
+    ) -> anyhow::Result<TrainConfig> {
+        let mut c = match (file, saved) {
             (Some(p), _) => over_defaults(&TrainConfig::new(), p)?,
             (None, Some(saved)) => saved,
             (None, None) => TrainConfig::new(),

@@ -19,12 +19,16 @@ use crate::train_cmds::{corpus, stop_flag};
 #[derive(Args, Debug)]
 pub struct BranchArgs {
     /// Dense base checkpoint (or a run directory: its latest checkpoint).
-    #[arg(long, conflicts_with = "model_config")]
+    #[arg(long, conflicts_with = "config")]
     base: Option<PathBuf>,
     /// Dense model config JSON for a fresh base (default: the dense model with the default MoE's
     /// active parameters). Every branch starts from the same seeded weights.
-    #[arg(long = "model-config")]
-    model_config: Option<PathBuf>,
+    #[arg(long, visible_alias = "model-config")]
+    config: Option<PathBuf>,
+    /// Training config JSON (the fields of train.json), the same for every branch; flags
+    /// override it.
+    #[arg(long)]
+    train_config: Option<PathBuf>,
     /// Corpus directory, or `builtin` (the default).
     #[arg(long)]
     data: Option<PathBuf>,
@@ -54,9 +58,9 @@ pub struct BranchArgs {
 /// Runs `moe branch`.
 pub fn branch(a: BranchArgs) -> anyhow::Result<()> {
     let tokenizer = ByteTokenizer;
-    let config = a.flags.resolve(None)?;
+    let config = a.flags.resolve(a.train_config.as_deref(), None)?;
     config.validate()?;
-    let base = match (&a.base, &a.model_config) {
+    let base = match (&a.base, &a.config) {
         (Some(ckpt), _) => Start::From(resolve_checkpoint(ckpt)?),
         (None, config_path) => {
             let defaults = ModelConfig::new()

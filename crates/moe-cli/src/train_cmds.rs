@@ -32,6 +32,9 @@ pub struct TrainArgs {
     /// Run directory (default: runs/moe, or runs/dense with --dense).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Training config JSON (the fields of train.json); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
     #[command(flatten)]
     flags: TrainFlags,
     /// Model config JSON (the fields of a checkpoint's config.json).
@@ -77,7 +80,7 @@ pub struct TrainArgs {
 }
 
 fn train_config(a: &TrainArgs, saved: Option<TrainConfig>) -> anyhow::Result<TrainConfig> {
-    let mut c = a.flags.resolve(saved)?;
+    let mut c = a.flags.resolve(a.config.as_deref(), saved)?;
     c.train = match a.train {
         Part::All => TrainPart::All,
         Part::Router => TrainPart::Router,

@@ -198,7 +198,7 @@ fn branch_merge_fine_tune_eval() {
     let small = ["--seq-len", "32", "--batch-size", "8", "--eval-every", "10"];
     let mut args = vec![
         "branch",
-        "--model-config",
+        "--config",
         dense.to_str().unwrap(),
         "--out",
         &dir_s,

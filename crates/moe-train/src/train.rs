@@ -397,7 +397,13 @@ pub fn train(job: TrainJob) -> Result<TrainOutcome> {
             }
             job.run.append_metrics(&line)?;
             if job.progress.shows() {
-                bar.println(format!("{}{}", bar.prefix(), format_eval_line(&line)));
+                let text = format!("{}{}", bar.prefix(), format_eval_line(&line));
+                // Without a terminal (a log file) the bar is hidden and would swallow the line.
+                if bar.is_hidden() {
+                    println!("{text}");
+                } else {
+                    bar.println(text);
+                }
             }
             window_loss = (0.0, 0);
             window_stats.clear();
