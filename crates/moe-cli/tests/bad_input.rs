@@ -298,6 +298,27 @@ const CASES: &[(&str, &str, &str)] = &[
         "bench --tokens 0",
         "--tokens must be at least 1",
     ),
+    ("inspect of a missing path", "inspect nope", "nope"),
+    (
+        "logits from foreign weights",
+        "logits foreign --prompt hi",
+        "foreign/model.bpk",
+    ),
+    (
+        "export of truncated weights",
+        "export truncated --out w.safetensors",
+        "truncated/model.bpk",
+    ),
+    (
+        "upcycling a model that is already MoE",
+        "upcycle ckpt --out up",
+        "already has MoE layers",
+    ),
+    (
+        "eval on a binary corpus",
+        "eval ckpt --data binary-corpus",
+        "blob.txt: looks binary",
+    ),
 ];
 
 #[test]
