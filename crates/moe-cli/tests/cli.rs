@@ -225,6 +225,21 @@ fn branch_merge_fine_tune_eval() {
         before
     );
 
+    // A branch is an ordinary run: it resumes on its own domain only.
+    let code_run = dir.join("code").display().to_string();
+    let o = moe(&[
+        "train", "--resume", "--out", &code_run, "--steps", "14", "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let latest = std::fs::read_to_string(dir.join("code/latest")).unwrap();
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("code").join(latest.trim()).join("trainer.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["step"], 14);
+    assert_eq!(state["domains"], serde_json::json!(["code"]));
+
     let merged = tmp.path().join("merged").display().to_string();
     let (code, english) = (
         dir.join("code").display().to_string(),
