@@ -51,13 +51,11 @@ fn start(run: &Path, model: &str, resume: bool) -> Child {
         .expect("start moe")
 }
 
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} failed");
+fn signal(child: &Child, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(child.id()).expect("a pid fits pid_t");
+    // SAFETY: kill(2) on our own child's pid; it has not been waited for, so the pid is live.
+    let rc = unsafe { libc::kill(pid, sig) };
+    assert_eq!(rc, 0, "kill({pid}, {sig}) failed");
 }
 
 /// The step of the run's latest checkpoint, after checking that it loads.
@@ -106,7 +104,7 @@ fn sigkill_at_any_moment_then_resume_reaches_the_end() {
         std::thread::sleep(Duration::from_millis(*delay));
         let finished = child.try_wait().unwrap().is_some();
         if !finished {
-            signal(&child, "-KILL");
+            signal(&child, libc::SIGKILL);
         }
         child.wait().unwrap();
         let step = latest_step(&run).expect("a checkpoint survives");
@@ -153,7 +151,7 @@ fn sigint_finishes_the_step_saves_and_exits_130() {
     let run = tmp.path().join("run");
     let mut child = start(&run, &model, false);
     wait_for_checkpoint_after(&run, 0, &mut child);
-    signal(&child, "-INT");
+    signal(&child, libc::SIGINT);
     let out = child.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{err}");
