@@ -244,12 +244,13 @@ fn save_checkpoint(
     Ok(dir)
 }
 
-/// Loads the model and optimizer of a run's latest checkpoint.
+/// Loads the model and optimizer of a run's latest checkpoint; returns them with the step and
+/// the checkpoint's directory.
 fn resume_from(
     run: &RunDir,
     config: &TrainConfig,
     device: &Device,
-) -> Result<(MoeLm, ModuleOptimizer, usize)> {
+) -> Result<(MoeLm, ModuleOptimizer, usize, PathBuf)> {
     let dir = run
         .latest()?
         .ok_or_else(|| DataError::run(&run.path, "has no checkpoint to resume from"))?;
@@ -259,7 +260,7 @@ fn resume_from(
     let optim = optimizer(config)
         .load(&optim_path)
         .map_err(|e| DataError::run(&optim_path, format!("unreadable optimizer state: {e}")))?;
-    Ok((ckpt.model, optim, state.step))
+    Ok((ckpt.model, optim, state.step, dir))
 }
 
 /// Runs (or resumes) a training job.
@@ -268,7 +269,8 @@ pub fn train(job: TrainJob) -> Result<TrainOutcome> {
     config.validate()?;
     job.corpus.check_window(config.seq_len + 1)?;
     let device = job.device.clone().autodiff();
-    let (model, mut optim, start_step) = match &job.start {
+    // `source`: the checkpoint the model comes from, if any.
+    let (model, mut optim, start_step, source) = match &job.start {
         Start::Fresh(model_config) => {
             let mut model_config = model_config.clone();
             if model_config.max_seq_len < config.seq_len {
@@ -278,12 +280,19 @@ pub fn train(job: TrainJob) -> Result<TrainOutcome> {
                 model_config.init_seeded(&device, config.seed)?,
                 optimizer(config),
                 0,
+                None,
             )
         }
-        Start::From(path) => (checkpoint::load(path, &device)?.model, optimizer(config), 0),
+        Start::From(path) => (
+            checkpoint::load(path, &device)?.model,
+            optimizer(config),
+            0,
+            Some(path.clone()),
+        ),
         Start::Resume => {
             job.run.remove_stale()?;
-            resume_from(&job.run, config, &device)?
+            let (model, optim, step, dir) = resume_from(&job.run, config, &device)?;
+            (model, optim, step, Some(dir))
         }
     };
     if model.config.vocab_size < job.tokenizer.vocab_size() {
@@ -303,13 +312,9 @@ pub fn train(job: TrainJob) -> Result<TrainOutcome> {
         ));
     }
     // A merged model keeps the record of its experts' origins through fine-tuning.
-    let merge = match &job.start {
-        Start::Fresh(_) => None,
-        Start::From(path) => MergeInfo::read(path)?,
-        Start::Resume => match job.run.latest()? {
-            Some(dir) => MergeInfo::read(&dir)?,
-            None => None,
-        },
+    let merge = match &source {
+        Some(dir) => MergeInfo::read(dir)?,
+        None => None,
     };
     job.run.truncate_metrics(start_step)?;
     let mut model = trainable(model, config.train);
@@ -326,7 +331,8 @@ pub fn train(job: TrainJob) -> Result<TrainOutcome> {
     let mut window_loss = (0.0f64, 0usize);
     let mut window_stats: Vec<(usize, RoutingStats)> = Vec::new();
     let mut window_start = Instant::now();
-    let mut last_checkpoint = job.run.latest()?.unwrap_or_default();
+    // Set by the checkpoint every run writes at its last step.
+    let mut last_checkpoint = PathBuf::new();
 
     for step in start_step..config.steps {
         // Router jitter draws from the device generator; under the initialisation lock, so that
