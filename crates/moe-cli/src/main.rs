@@ -49,12 +49,7 @@ enum Command {
 fn main() -> ExitCode {
     // A bug must still end in one line, not a backtrace.
     std::panic::set_hook(Box::new(|info| {
-        let msg = info
-            .payload()
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| info.payload().downcast_ref::<&str>().copied())
-            .unwrap_or("unknown panic");
+        let msg = moe_train::error::panic_message(info.payload());
         // Backend errors carry multi-line causes; the user gets one line.
         let msg: Vec<&str> = msg
             .lines()

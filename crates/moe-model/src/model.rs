@@ -80,10 +80,15 @@ static SEEDED_INIT: Mutex<()> = Mutex::new(());
 /// Seeds `device`'s random generator under the lock that seeded initialisation holds, so a
 /// concurrent [`ModelConfig::init_seeded`] (another branch, another test) stays reproducible.
 pub fn seed_device(device: &Device, seed: u64) {
-    let _guard = SEEDED_INIT
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _guard = lock_generators();
     device.seed(seed);
+}
+
+/// Holds [`SEEDED_INIT`]; a panic elsewhere while it was held leaves nothing to repair.
+fn lock_generators() -> std::sync::MutexGuard<'static, ()> {
+    SEEDED_INIT
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Builds a module with weights drawn reproducibly from `seed` on `device`.
@@ -92,9 +97,7 @@ pub(crate) fn init_seeded<M: Module>(
     seed: u64,
     init: impl FnOnce() -> Result<M>,
 ) -> Result<M> {
-    let _guard = SEEDED_INIT
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let _guard = lock_generators();
     device.seed(seed);
     let module = init()?;
     // Parameters initialise lazily, on first use; draw them all now, under the lock, and wait

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
 use crate::data::Corpus;
-use crate::error::{DataError, Result};
+use crate::error::{DataError, Result, panic_message};
 use crate::eval::EvalReport;
 use crate::run::{RunDir, TrainerState};
 use crate::tokenizer::Tokenizer;
@@ -74,7 +74,7 @@ pub struct BranchOutcome {
     pub result: Result<TrainOutcome>,
 }
 
-/// Checks the base is dense and every domain exists; returns the base's config.
+/// Checks the base is dense, the domains are distinct and exist, and each has room for a window.
 fn check_job(job: &BranchJob) -> Result<()> {
     let base: ModelConfig = match &job.base {
         Start::Fresh(config) => config.clone(),
@@ -161,12 +161,7 @@ pub fn train_branches(job: BranchJob) -> Result<Vec<BranchOutcome>> {
             .zip(&job.branches)
             .map(|(h, b)| {
                 let result = h.join().unwrap_or_else(|panic| {
-                    let msg = panic
-                        .downcast_ref::<String>()
-                        .cloned()
-                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .unwrap_or_else(|| "unknown panic".into());
-                    Err(DataError::Internal(msg))
+                    Err(DataError::Internal(panic_message(&*panic).into()))
                 });
                 outcome(b, result)
             })

@@ -93,5 +93,14 @@ impl DataError {
     }
 }
 
+/// The text of a panic's payload (a `String` or a `&str`, as `panic!` makes them).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic")
+}
+
 /// Result with [`DataError`].
 pub type Result<T> = std::result::Result<T, DataError>;
