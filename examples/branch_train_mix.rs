@@ -56,7 +56,7 @@ fn run(
         data_source: "builtin".into(),
         tokenizer: &ByteTokenizer,
         run: RunDir::create(&out.join(name), true)?,
-        device: device.clone(),
+        devices: vec![device.clone()],
         progress: Progress::Terminal,
         stop: Arc::new(AtomicBool::new(false)),
         stop_after: None,

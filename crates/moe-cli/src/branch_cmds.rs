@@ -75,11 +75,7 @@ pub fn branch(a: BranchArgs) -> anyhow::Result<()> {
             Start::Fresh(m)
         }
     };
-    let devices = a
-        .devices
-        .iter()
-        .map(|d| crate::device(d))
-        .collect::<anyhow::Result<Vec<_>>>()?;
+    let devices = crate::devices(&a.devices)?;
     let (corpus, source) = corpus(a.data.as_deref(), &config, &tokenizer)?;
     let domains = if a.domains.is_empty() {
         corpus.names()

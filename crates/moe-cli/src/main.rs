@@ -116,3 +116,8 @@ fn one_line(e: &anyhow::Error) -> String {
 pub(crate) fn device(name: &str) -> anyhow::Result<burn::tensor::Device> {
     Ok(moe_core::parse_device(name)?)
 }
+
+/// Parses a list of device names (a comma-separated flag).
+pub(crate) fn devices(names: &[String]) -> anyhow::Result<Vec<burn::tensor::Device>> {
+    names.iter().map(|d| device(d)).collect()
+}

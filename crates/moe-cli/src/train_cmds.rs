@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 use moe_core::MoeLayerConfig;
 use moe_model::{ModelConfig, checkpoint};
 use moe_train::branch::MergeInfo;
+use moe_train::parallel::check_split;
 use moe_train::report::{samples, write_figures};
 use moe_train::run::{TrainerState, write_atomic};
 use moe_train::train::resolve_checkpoint;
@@ -43,9 +44,10 @@ pub struct TrainArgs {
     /// Corpus directory: one sub-directory or file of UTF-8 text per domain (default: built-in).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Device: flex, ndarray, wgpu, wgpu:N, wgpu:cpu.
-    #[arg(long, default_value = "flex")]
-    device: String,
+    /// Device: flex, ndarray, wgpu, wgpu:N, wgpu:cpu. Several, comma-separated (wgpu:0,wgpu:1),
+    /// train data-parallel: each step's batch is split across them.
+    #[arg(long, value_delimiter = ',', default_value = "flex")]
+    device: Vec<String>,
     /// Train the dense model with the same active parameters per token instead.
     #[arg(long)]
     dense: bool,
@@ -160,11 +162,12 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from(if a.dense { "runs/dense" } else { "runs/moe" }));
-    let device = crate::device(&a.device)?;
+    let devices = crate::devices(&a.device)?;
     // Every input is read and checked before the run directory is created or touched.
     let (run, config, start, corpus, source) = if a.resume {
         let run = RunDir::open(&out)?;
         let config = train_config(&a, Some(run.read_config()?))?;
+        check_split(devices.len(), config.batch_size)?;
         let Some(ckpt) = run.latest()? else {
             bail!("{}: has no checkpoint to resume from", out.display());
         };
@@ -189,6 +192,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         };
         let (corpus, source) = corpus(a.data.as_deref(), &config, &tokenizer)?;
         corpus.check_window(config.seq_len + 1)?;
+        check_split(devices.len(), config.batch_size)?;
         let run = RunDir::create(&out, a.overwrite)?;
         (run, config, start, corpus, source)
     };
@@ -199,7 +203,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     if verbose {
         println!(
             "training on {} ({}), {} steps, run directory {}",
-            a.device,
+            a.device.join(","),
             source,
             config.steps,
             run.path.display()
@@ -212,7 +216,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         data_source: source,
         tokenizer: &tokenizer,
         run: run.clone(),
-        device,
+        devices,
         progress: if verbose {
             Progress::Terminal
         } else {
@@ -275,9 +279,15 @@ fn report(
             config.seq_len,
             config.batch_size,
         );
+        let layers: Vec<String> = baseline
+            .tables
+            .iter()
+            .map(|t| format!("{:.3}", t.nmi))
+            .collect();
         println!(
-            "untrained (random) router, same data: mean NMI {:.3}",
-            baseline.mean_nmi
+            "untrained (random) router, same data: mean NMI {:.3} (layers {})",
+            baseline.mean_nmi,
+            layers.join(", ")
         );
     }
     let figures = write_figures(&run.path, &eval, &run.metrics()?)?;

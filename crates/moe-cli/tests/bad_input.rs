@@ -239,6 +239,11 @@ const CASES: &[(&str, &str, &str)] = &[
         "unknown device 'cuda:7'",
     ),
     (
+        "batch smaller than the data-parallel devices",
+        "train --device flex,flex,flex --batch-size 2 --out r",
+        "batch_size 2 cannot be split across 3 devices",
+    ),
+    (
         "wgpu adapter that does not exist",
         "generate ckpt --prompt hi --device wgpu:99",
         "no wgpu adapter for 'wgpu:99'",

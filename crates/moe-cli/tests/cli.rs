@@ -124,6 +124,42 @@ fn train_then_eval_generate_logits_inspect() {
     assert!(stdout(&o).contains("trained 40 steps"), "{}", stdout(&o));
 }
 
+/// `--device a,b` trains data-parallel and resumes like any run.
+#[test]
+fn data_parallel_training_runs_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run").display().to_string();
+    let model = tiny_model(tmp.path());
+    let args = |steps: &str| {
+        let mut a = vec![
+            "train",
+            "--device",
+            "flex,flex",
+            "--steps",
+            steps,
+            "--out",
+            &run,
+        ];
+        a.extend(["--seq-len", "32", "--batch-size", "4", "--quiet"]);
+        a.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let mut first = args("6");
+    first.extend([
+        "--model-config".into(),
+        model,
+        "--stop-after".into(),
+        "3".into(),
+    ]);
+    let o = moe(&first.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut resume = args("6");
+    resume.push("--resume".into());
+    let o = moe(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let metrics = std::fs::read_to_string(tmp.path().join("run/metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"step\":6"), "{metrics}");
+}
+
 #[test]
 fn a_refused_run_leaves_nothing_on_disk() {
     let tmp = tempfile::tempdir().unwrap();

@@ -70,6 +70,18 @@ impl RoutingStats {
         }
     }
 
+    /// Moves every tensor to `device` (to merge statistics of data-parallel shards).
+    pub fn to_device(self, device: &Device) -> Self {
+        Self {
+            load: self.load.to_device(device),
+            routed: self.routed.to_device(device),
+            dropped: self.dropped.to_device(device),
+            requested: self.requested.to_device(device),
+            entropy_sum: self.entropy_sum.to_device(device),
+            tokens: self.tokens.to_device(device),
+        }
+    }
+
     /// Reads the statistics back and derives the summary figures.
     pub fn summary(&self) -> RoutingSummary {
         let scalar = |t: &Tensor<1>| host_floats(t.clone())[0];

@@ -120,7 +120,7 @@ fn train_one(job: &BranchJob, branch: &Branch) -> Result<TrainOutcome> {
         data_source: job.data_source.clone(),
         tokenizer: job.tokenizer,
         run,
-        device: branch.device.clone(),
+        devices: vec![branch.device.clone()],
         progress: match &job.progress {
             Some(bars) => Progress::Shared {
                 bars: bars.clone(),

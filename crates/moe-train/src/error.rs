@@ -51,6 +51,9 @@ pub enum DataError {
         /// What is wrong.
         problem: String,
     },
+    /// A device failed during a data-parallel step (its worker's message).
+    #[error("data-parallel step failed: {0}")]
+    Device(String),
     /// A bug: a panic caught at a thread boundary (a branch), reported instead of propagated.
     #[error("internal error: {0}")]
     Internal(String),

@@ -23,6 +23,7 @@ pub mod corpus;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod parallel;
 pub mod report;
 pub mod run;
 pub mod tokenizer;

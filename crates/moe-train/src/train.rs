@@ -15,7 +15,7 @@ use burn::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
 use burn::lr_scheduler::sequential::SequentialLrSchedulerConfig;
 use burn::module::Module;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{AdamWConfig, ModuleOptimizer};
 use burn::prelude::*;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use moe_core::RoutingStats;
@@ -27,9 +27,10 @@ use serde_json::json;
 
 use crate::branch::{MERGE_FILE, MergeInfo};
 use crate::config::{TrainConfig, TrainPart};
-use crate::data::{Batch, Corpus, batch_from_windows, train_windows};
+use crate::data::{Batch, Corpus, train_windows};
 use crate::error::{DataError, Result};
 use crate::eval::{domain_losses, merge_routing, routing_line};
+use crate::parallel::{StepEngine, StepResult};
 use crate::run::{OPTIMIZER_FILE, RunDir, STATE_FILE, TrainerState};
 use crate::tokenizer::Tokenizer;
 
@@ -58,8 +59,10 @@ pub struct TrainJob<'a> {
     pub tokenizer: &'a dyn Tokenizer,
     /// The run directory.
     pub run: RunDir,
-    /// The device (autodiff is enabled on it here).
-    pub device: Device,
+    /// The devices (autodiff is enabled on them here). One device trains alone; with several,
+    /// each step's batch is split across them (data parallel, see [`crate::parallel`]) and the
+    /// model and optimizer live on the first.
+    pub devices: Vec<Device>,
     /// Where progress goes.
     pub progress: Progress,
     /// Set from a signal handler: finish the step, checkpoint, stop.
@@ -268,7 +271,8 @@ pub fn train(job: TrainJob) -> Result<TrainOutcome> {
     let config = &job.config;
     config.validate()?;
     job.corpus.check_window(config.seq_len + 1)?;
-    let device = job.device.clone().autodiff();
+    let engine = StepEngine::new(&job.devices, config.batch_size)?;
+    let device = engine.main_device().clone();
     // `source`: the checkpoint the model comes from, if any.
     let (model, mut optim, start_step, source) = match &job.start {
         Start::Fresh(model_config) => {
@@ -335,9 +339,16 @@ pub fn train(job: TrainJob) -> Result<TrainOutcome> {
     let mut last_checkpoint = PathBuf::new();
 
     for step in start_step..config.steps {
-        // Router jitter draws from the device generator; under the initialisation lock, so that
-        // concurrent runs (branches) initialise reproducibly.
-        seed_device(&device, config.seed.wrapping_add(step as u64 + 1));
+        // Router jitter draws from the device generators; under the initialisation lock, so
+        // that concurrent runs (branches) initialise reproducibly.
+        for (i, d) in engine.devices().iter().enumerate() {
+            seed_device(
+                d,
+                config
+                    .seed
+                    .wrapping_add(step as u64 + 1 + ((i as u64) << 32)),
+            );
+        }
         let windows = train_windows(
             job.corpus,
             config.seed,
@@ -345,10 +356,12 @@ pub fn train(job: TrainJob) -> Result<TrainOutcome> {
             config.batch_size,
             config.seq_len,
         );
-        let batch = batch_from_windows(job.corpus, &windows, config.seq_len, false, &device);
-        let (loss, lm, routing) = step_loss(&model, &batch, config);
-        let lm_value: f32 = lm.clone().into_scalar();
-        let value: f32 = loss.clone().into_scalar();
+        let StepResult {
+            loss: value,
+            lm: lm_value,
+            grads,
+            routing,
+        } = engine.step(&model, config, job.corpus, &windows)?;
         if !value.is_finite() {
             bar.abandon();
             return Err(DataError::NonFinite {
@@ -356,7 +369,6 @@ pub fn train(job: TrainJob) -> Result<TrainOutcome> {
                 value,
             });
         }
-        let grads = GradientsParams::from_grads(loss.backward(), &model);
         let lr = schedule.step();
         let lr_value = lr.base();
         model = optim.step(lr, model, grads);
@@ -370,8 +382,7 @@ pub fn train(job: TrainJob) -> Result<TrainOutcome> {
             recent.remove(0);
         }
         window_loss = (window_loss.0 + f64::from(lm_value), window_loss.1 + 1);
-        let detached = routing.into_iter().map(|(l, s)| (l, s.detach())).collect();
-        window_stats = merge_routing(window_stats, detached);
+        window_stats = merge_routing(window_stats, routing);
         let done = step + 1;
         let elapsed = started.elapsed().as_secs_f64();
         bar.set_position(done as u64);

@@ -46,7 +46,7 @@ pub fn job<'a>(
         data_source: "builtin".into(),
         tokenizer: &ByteTokenizer,
         run,
-        device: device.clone(),
+        devices: vec![device.clone()],
         progress: Progress::Hidden,
         stop: Arc::new(AtomicBool::new(false)),
         stop_after: None,
