@@ -9,6 +9,7 @@ use clap::{Args, ValueEnum};
 use moe_core::MoeLayerConfig;
 use moe_model::{ModelConfig, checkpoint};
 use moe_train::branch::MergeInfo;
+use moe_train::eval::random_router_controls;
 use moe_train::parallel::check_split;
 use moe_train::report::{samples, write_figures};
 use moe_train::run::{TrainerState, write_atomic};
@@ -253,6 +254,9 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     report(&outcome.model, &corpus, &tokenizer, &config, &run)
 }
 
+/// Random draws of each random-router control in the end-of-training report.
+const CONTROL_DRAWS: u64 = 4;
+
 /// The end-of-training report: evaluation, figures, samples, compute summary.
 fn report(
     model: &moe_model::MoeLm,
@@ -261,35 +265,20 @@ fn report(
     config: &TrainConfig,
     run: &RunDir,
 ) -> anyhow::Result<()> {
-    let eval = evaluate(
-        model,
-        corpus,
-        config.eval_windows * 2,
-        config.seq_len,
-        config.batch_size,
-    );
-    println!("\n{eval}");
+    let (windows, seq_len, batch) = (config.eval_windows * 2, config.seq_len, config.batch_size);
+    let mut eval = evaluate(model, corpus, windows, seq_len, batch);
     if !eval.tables.is_empty() {
-        // The same architecture with untrained weights: what a random router's NMI looks like.
-        let untrained = model.config.init(&burn::tensor::Device::flex())?;
-        let baseline = evaluate(
-            &untrained,
+        eval.controls = random_router_controls(
+            model,
             corpus,
-            config.eval_windows * 2,
-            config.seq_len,
-            config.batch_size,
-        );
-        let layers: Vec<String> = baseline
-            .tables
-            .iter()
-            .map(|t| format!("{:.3}", t.nmi))
-            .collect();
-        println!(
-            "untrained (random) router, same data: mean NMI {:.3} (layers {})",
-            baseline.mean_nmi,
-            layers.join(", ")
-        );
+            windows,
+            seq_len,
+            batch,
+            config.seed,
+            CONTROL_DRAWS,
+        )?;
     }
+    println!("\n{eval}");
     let figures = write_figures(&run.path, &eval, &run.metrics()?)?;
     for f in &figures {
         println!("wrote {}", f.display());

@@ -14,7 +14,7 @@ use moe_core::{Experts, MoeLayer, MoeLayerConfig, SwiGluFfn};
 use crate::block::Ffn;
 use crate::config::{FfnPlan, ModelConfig};
 use crate::error::{ModelError, Result};
-use crate::model::{MoeLm, init_seeded};
+use crate::model::MoeLm;
 
 /// Why a branch's config cannot be merged with the first branch's, or `None` when the two
 /// share an architecture. Branches must be dense; the (unused) MoE section is not compared.
@@ -133,20 +133,15 @@ pub fn merge(branches: Vec<MoeLm>, moe: MoeLayerConfig, seed: u64) -> Result<Moe
             stack_ffns(&ffns)
         })
         .collect();
-    let routers = init_seeded(&device, seed, || {
-        Ok((0..first.n_layers)
-            .map(|_| moe.router.init(moe.d_model, moe.n_experts, &device))
-            .collect::<Vec<_>>())
-    })?;
-
     let mut model = branches
         .into_iter()
         .next()
         .expect("at least two branches")
         .map(&mut Replace(means.into_iter()));
-    for ((block, experts), router) in model.blocks.iter_mut().zip(experts).zip(routers) {
+    for (block, experts) in model.blocks.iter_mut().zip(experts) {
         block.ffn = Ffn::Moe(MoeLayer {
-            router,
+            // Replaced by seeded fresh routers below.
+            router: moe.router.init(moe.d_model, moe.n_experts, &device),
             experts,
             shared: None,
             capacity_factor: moe.capacity_factor,
@@ -154,5 +149,5 @@ pub fn merge(branches: Vec<MoeLm>, moe: MoeLayerConfig, seed: u64) -> Result<Moe
         });
     }
     model.config = config;
-    Ok(model)
+    model.with_fresh_routers(seed)
 }

@@ -10,7 +10,7 @@ use burn::prelude::*;
 use moe_core::{AuxLosses, RoutingStats};
 
 use crate::attention::LayerCache;
-use crate::block::{Block, MoeReport};
+use crate::block::{Block, Ffn, MoeReport};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::rope::Rope;
@@ -144,6 +144,32 @@ impl ModelConfig {
 }
 
 impl MoeLm {
+    /// The same model with every MoE layer's router replaced by a freshly initialised one (the
+    /// router preset's own initialisation, drawn from `seed`): for merged models, and as the
+    /// random-router control of a trained model's routing.
+    pub fn with_fresh_routers(mut self, seed: u64) -> Result<Self> {
+        let moe = &self.config.moe;
+        let device = self.embed.weight.val().device();
+        let count = self
+            .blocks
+            .iter()
+            .filter(|b| matches!(b.ffn, Ffn::Moe(_)))
+            .count();
+        let routers = init_seeded(&device, seed, || {
+            Ok((0..count)
+                .map(|_| moe.router.init(moe.d_model, moe.n_experts, &device))
+                .collect::<Vec<_>>())
+        })?;
+        let layers = self.blocks.iter_mut().filter_map(|b| match &mut b.ffn {
+            Ffn::Moe(layer) => Some(layer),
+            Ffn::Dense(_) => None,
+        });
+        for (layer, router) in layers.zip(routers) {
+            layer.router = router;
+        }
+        Ok(self)
+    }
+
     /// Full forward pass.
     ///
     /// tokens: `[batch, seq]`; mask: `[batch, seq]`, true for real tokens (padding neither

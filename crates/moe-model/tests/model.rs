@@ -134,6 +134,48 @@ fn upcycling_with_noise_changes_experts_but_keeps_the_rest() {
     assert_ne!(a, b, "noise should make the copies differ");
 }
 
+/// Fresh routers replace every MoE layer's router, reproducibly from the seed, and nothing else.
+#[rstest]
+fn fresh_routers_replace_only_the_routers(#[values("flex", "ndarray", "wgpu")] backend: &str) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    let model = small_config()
+        .with_n_layers(4)
+        .with_ffn_plan(FfnPlan::EveryNth { n: 2 })
+        .init_seeded(&device, 1)
+        .unwrap();
+    let gates = |m: &MoeLm| -> Vec<Vec<f32>> {
+        m.blocks
+            .iter()
+            .filter_map(|b| match &b.ffn {
+                moe_model::block::Ffn::Moe(l) => Some(values(l.router.gate.weight.val())),
+                moe_model::block::Ffn::Dense(_) => None,
+            })
+            .collect()
+    };
+    let rest = |m: &MoeLm| -> Vec<f32> {
+        let mut all = values(m.embed.weight.val());
+        for b in &m.blocks {
+            match &b.ffn {
+                moe_model::block::Ffn::Moe(l) => all.extend(values(l.experts.w_down.val())),
+                moe_model::block::Ffn::Dense(f) => all.extend(values(f.w_down.weight.val())),
+            }
+        }
+        all
+    };
+    let (a, b) = (
+        model.clone().with_fresh_routers(7).unwrap(),
+        model.clone().with_fresh_routers(7).unwrap(),
+    );
+    assert_eq!(gates(&model).len(), 2, "two MoE layers of four");
+    assert_eq!(gates(&a), gates(&b), "same seed, same routers");
+    for (old, new) in gates(&model).iter().zip(gates(&a)) {
+        assert_ne!(old, &new, "every MoE router is redrawn");
+    }
+    assert_eq!(rest(&a), rest(&model));
+}
+
 #[rstest]
 fn merging_identical_branches_equals_upcycling(#[values("flex", "ndarray", "wgpu")] backend: &str) {
     let Some(device) = test_device(backend) else {

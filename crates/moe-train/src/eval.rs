@@ -47,6 +47,25 @@ pub struct EvalReport {
     pub tables: Vec<RoutingTable>,
     /// Mean NMI over MoE layers.
     pub mean_nmi: f64,
+    /// Random-router controls to read `mean_nmi` against (filled by
+    /// [`random_router_controls`]; empty from [`evaluate`]).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub controls: Vec<NmiControl>,
+}
+
+/// The routing NMI of a random-router control, over several random draws.
+#[derive(Debug, Clone, Serialize)]
+pub struct NmiControl {
+    /// What was randomised.
+    pub name: String,
+    /// Mean over the draws of the mean NMI over MoE layers.
+    pub mean_nmi: f64,
+    /// The lowest draw.
+    pub min_nmi: f64,
+    /// The highest draw.
+    pub max_nmi: f64,
+    /// Per MoE layer, the mean over the draws.
+    pub layers: Vec<f64>,
 }
 
 /// Normalised mutual information of a joint count table `counts[d][e]`.
@@ -188,7 +207,52 @@ pub fn evaluate(
         losses,
         tables,
         mean_nmi,
+        controls: Vec::new(),
     }
+}
+
+/// Random-router controls of a model's routing NMI, each over `draws` draws from `seed`:
+/// - the model with freshly drawn routers: random gates over the model's own (trained)
+///   features, so a trained model's NMI above it is what its routers learned;
+/// - the same architecture untrained: random gates over random embeddings, whose hidden states
+///   are mostly a code of the current token, so its NMI is what token identity alone gives.
+///
+/// A router that ignores its input scores 0 (up to finite-sample bias).
+pub fn random_router_controls(
+    model: &MoeLm,
+    corpus: &Corpus,
+    windows: usize,
+    seq_len: usize,
+    batch: usize,
+    seed: u64,
+    draws: u64,
+) -> crate::Result<Vec<NmiControl>> {
+    let device = model.embed.weight.val().device();
+    let control = |name: &str, make: &dyn Fn(u64) -> moe_model::Result<MoeLm>| {
+        let mut reports = Vec::new();
+        for draw in 0..draws {
+            let control = make(seed.wrapping_add(draw + 1))?;
+            reports.push(evaluate(&control, corpus, windows, seq_len, batch));
+        }
+        let nmis: Vec<f64> = reports.iter().map(|r| r.mean_nmi).collect();
+        let n = draws.max(1) as f64;
+        let layers = (0..reports.first().map_or(0, |r| r.tables.len()))
+            .map(|i| reports.iter().map(|r| r.tables[i].nmi).sum::<f64>() / n)
+            .collect();
+        Ok::<_, crate::DataError>(NmiControl {
+            name: name.to_string(),
+            mean_nmi: nmis.iter().sum::<f64>() / n,
+            min_nmi: nmis.iter().copied().fold(f64::INFINITY, f64::min),
+            max_nmi: nmis.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            layers,
+        })
+    };
+    Ok(vec![
+        control("trained model, random routers", &|s| {
+            model.clone().with_fresh_routers(s)
+        })?,
+        control("untrained model", &|s| model.config.init_seeded(&device, s))?,
+    ])
 }
 
 /// Routing figures of a training window, summed over MoE layers, for `metrics.jsonl`.
@@ -205,6 +269,13 @@ pub fn routing_line(layers: &[RoutingSummary]) -> serde_json::Value {
         "entropy": mean(&|s| s.entropy),
         "max_violation": mean(&|s| s.max_violation),
     })
+}
+
+/// NMIs as a comma-separated list.
+fn nmi_list(nmis: impl Iterator<Item = f64>) -> String {
+    nmis.map(|v| format!("{v:.3}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl fmt::Display for EvalReport {
@@ -236,8 +307,20 @@ impl fmt::Display for EvalReport {
         if !self.tables.is_empty() {
             writeln!(
                 f,
-                "\nmean NMI(domain; expert) over MoE layers: {:.3}",
-                self.mean_nmi
+                "\nmean NMI(domain; expert) over MoE layers: {:.3} (layers {})",
+                self.mean_nmi,
+                nmi_list(self.tables.iter().map(|t| t.nmi))
+            )?;
+        }
+        for c in &self.controls {
+            writeln!(
+                f,
+                "random-router control, {}: mean NMI {:.3} (draws {:.3}-{:.3}; layers {})",
+                c.name,
+                c.mean_nmi,
+                c.min_nmi,
+                c.max_nmi,
+                nmi_list(c.layers.iter().copied())
             )?;
         }
         Ok(())

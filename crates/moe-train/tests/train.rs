@@ -11,6 +11,7 @@ use moe_core::RouterConfig;
 use moe_core::testing::{test_device, values};
 use moe_model::checkpoint::{self, WEIGHTS_FILE};
 use moe_train::data::train_windows;
+use moe_train::eval::random_router_controls;
 use moe_train::parallel::{StepEngine, StepResult};
 use moe_train::{ByteTokenizer, Corpus, DataError, RunDir, Start, evaluate, train};
 use rstest::rstest;
@@ -214,6 +215,40 @@ fn data_parallel_steps_match_one_device(
             .unwrap()
     };
     assert!((loss(&one) - loss(&three)).abs() < 1e-4);
+}
+
+/// The random-router controls of the end-of-training report: two kinds, each over its draws,
+/// reproducible from the seed.
+#[rstest]
+fn random_router_controls_are_reproducible_and_bounded(
+    #[values("flex", "ndarray", "wgpu")] backend: &str,
+) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    let config = tiny_train(1);
+    let corpus = Corpus::builtin(config.seed, config.corpus_bytes, &ByteTokenizer);
+    let model = tiny_model(RouterConfig::mixtral())
+        .init_seeded(&device, 5)
+        .unwrap();
+    let controls = || random_router_controls(&model, &corpus, 2, 32, 8, 9, 3).unwrap();
+    let first = controls();
+    let names: Vec<&str> = first.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(names, ["trained model, random routers", "untrained model"]);
+    for c in &first {
+        assert!(
+            0.0 <= c.min_nmi && c.min_nmi < c.max_nmi && c.max_nmi <= 1.0,
+            "{c:?}"
+        );
+        assert!(c.min_nmi <= c.mean_nmi && c.mean_nmi <= c.max_nmi, "{c:?}");
+        assert_eq!(c.layers.len(), 2);
+        let layer_mean = c.layers.iter().sum::<f64>() / 2.0;
+        assert!((layer_mean - c.mean_nmi).abs() < 1e-9, "{c:?}");
+    }
+    let again = controls();
+    for (a, b) in first.iter().zip(&again) {
+        assert_eq!(a.mean_nmi, b.mean_nmi, "same seed, same draws");
+    }
 }
 
 #[test]
