@@ -54,6 +54,23 @@ pub struct ShardOutput {
     pub index: usize,
 }
 
+impl ShardOutput {
+    /// A shard's figures, cut from the autodiff graph.
+    fn detached(
+        loss: Tensor<1>,
+        lm: Tensor<1>,
+        routing: Vec<(usize, RoutingStats)>,
+        index: usize,
+    ) -> Self {
+        Self {
+            loss: loss.detach(),
+            lm: lm.detach(),
+            routing: routing.into_iter().map(|(l, s)| (l, s.detach())).collect(),
+            index,
+        }
+    }
+}
+
 impl ItemLazy for ShardOutput {
     fn sync(self) -> std::result::Result<Self, ExecutionError> {
         // Dispatch the shard's queued work so that whoever reads the scalars does not wait on it.
@@ -87,13 +104,7 @@ impl LmStep {
     pub fn run(&self, shard: Shard) -> (ShardOutput, GradientsParams) {
         let (loss, lm, routing) = self.losses(&shard.batch, shard.weight);
         let grads = GradientsParams::from_grads(loss.backward(), &self.model);
-        let output = ShardOutput {
-            loss: loss.detach(),
-            lm: lm.detach(),
-            routing: routing.into_iter().map(|(l, s)| (l, s.detach())).collect(),
-            index: shard.index,
-        };
-        (output, grads)
+        (ShardOutput::detached(loss, lm, routing, shard.index), grads)
     }
 }
 
@@ -114,12 +125,7 @@ impl InferenceStep for LmStep {
     /// The unweighted losses of a batch, without gradients.
     fn step(&self, batch: Batch) -> ShardOutput {
         let (loss, lm, routing) = self.losses(&batch, 1.0);
-        ShardOutput {
-            loss: loss.detach(),
-            lm: lm.detach(),
-            routing: routing.into_iter().map(|(l, s)| (l, s.detach())).collect(),
-            index: 0,
-        }
+        ShardOutput::detached(loss, lm, routing, 0)
     }
 }
 
