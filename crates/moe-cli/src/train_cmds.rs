@@ -324,6 +324,10 @@ pub struct EvalArgs {
     /// Validation windows per domain.
     #[arg(long, default_value_t = 16)]
     windows: usize,
+    /// Also measure random-router controls of the routing NMI (routers redrawn; the model
+    /// untrained), this many random draws each.
+    #[arg(long, default_value_t = 0)]
+    controls: u64,
 }
 
 /// Runs `moe eval`.
@@ -336,13 +340,19 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let (corpus, _) = corpus(a.data.as_deref(), &defaults, tokenizer.as_ref())?;
     let seq_len = defaults.seq_len.min(ckpt.model.config.max_seq_len);
     corpus.check_window(seq_len + 1)?;
-    let report = evaluate(
-        &ckpt.model,
-        &corpus,
-        a.windows,
-        seq_len,
-        defaults.batch_size,
-    );
+    let batch = defaults.batch_size;
+    let mut report = evaluate(&ckpt.model, &corpus, a.windows, seq_len, batch);
+    if a.controls > 0 && !report.tables.is_empty() {
+        report.controls = random_router_controls(
+            &ckpt.model,
+            &corpus,
+            a.windows,
+            seq_len,
+            batch,
+            defaults.seed,
+            a.controls,
+        )?;
+    }
     let own = MergeInfo::read(&dir)?.map(|info| info.own_expert_shares(&report));
     if a.json {
         let mut json = serde_json::to_value(&report)?;

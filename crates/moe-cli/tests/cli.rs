@@ -69,6 +69,21 @@ fn train_then_eval_generate_logits_inspect() {
     assert!(o.status.success(), "{}", stderr(&o));
     let report: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(report["losses"].as_array().unwrap().len(), 4);
+    assert!(report.get("controls").is_none(), "controls only when asked");
+    let o = moe(&[
+        "eval",
+        &run_s,
+        "--json",
+        "--windows",
+        "2",
+        "--controls",
+        "2",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let controls = report["controls"].as_array().unwrap();
+    assert_eq!(controls.len(), 2, "{report}");
+    assert_eq!(controls[0]["layers"].as_array().unwrap().len(), 2);
 
     let ckpt = moe_train::train::resolve_checkpoint(&run)
         .unwrap()

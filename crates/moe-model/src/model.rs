@@ -97,8 +97,21 @@ pub(crate) fn init_seeded<M: Module>(
     seed: u64,
     init: impl FnOnce() -> Result<M>,
 ) -> Result<M> {
+    init_drawn(device, Some(seed), init)
+}
+
+/// Builds a module and draws all its weights under the generator lock, after seeding the
+/// generator when a seed is given. Unseeded builds take the lock too, so that their draws never
+/// land between another thread's seeding and its draws.
+fn init_drawn<M: Module>(
+    device: &Device,
+    seed: Option<u64>,
+    init: impl FnOnce() -> Result<M>,
+) -> Result<M> {
     let _guard = lock_generators();
-    device.seed(seed);
+    if let Some(seed) = seed {
+        device.seed(seed);
+    }
     let module = init()?;
     // Parameters initialise lazily, on first use; draw them all now, under the lock, and wait
     // for the draws to run: asynchronous backends (wgpu) read the generator's state when the
@@ -113,11 +126,16 @@ pub(crate) fn init_seeded<M: Module>(
 impl ModelConfig {
     /// Builds the model with weights drawn reproducibly from `seed`.
     pub fn init_seeded(&self, device: &Device, seed: u64) -> Result<MoeLm> {
-        init_seeded(device, seed, || self.init(device))
+        init_seeded(device, seed, || self.build(device))
     }
 
-    /// Builds the model after validating the configuration.
+    /// Builds the model after validating the configuration, with weights drawn from the device's
+    /// generator as it stands.
     pub fn init(&self, device: &Device) -> Result<MoeLm> {
+        init_drawn(device, None, || self.build(device))
+    }
+
+    fn build(&self, device: &Device) -> Result<MoeLm> {
         self.validate()?;
         let embed = EmbeddingConfig::new(self.vocab_size, self.d_model)
             .with_initializer(Initializer::Normal {
