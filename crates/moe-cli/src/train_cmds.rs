@@ -82,6 +82,8 @@ pub struct TrainArgs {
     quiet: bool,
 }
 
+/// The run's training config (`saved` when resuming), checked, including that its batches can
+/// be split across the `--device` list.
 fn train_config(a: &TrainArgs, saved: Option<TrainConfig>) -> anyhow::Result<TrainConfig> {
     let mut c = a.flags.resolve(a.config.as_deref(), saved)?;
     c.train = match a.train {
@@ -89,6 +91,7 @@ fn train_config(a: &TrainArgs, saved: Option<TrainConfig>) -> anyhow::Result<Tra
         Part::Router => TrainPart::Router,
     };
     c.validate()?;
+    check_split(a.device.len(), c.batch_size)?;
     Ok(c)
 }
 
@@ -168,7 +171,6 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     let (run, config, start, corpus, source) = if a.resume {
         let run = RunDir::open(&out)?;
         let config = train_config(&a, Some(run.read_config()?))?;
-        check_split(devices.len(), config.batch_size)?;
         let Some(ckpt) = run.latest()? else {
             bail!("{}: has no checkpoint to resume from", out.display());
         };
@@ -193,7 +195,6 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         };
         let (corpus, source) = corpus(a.data.as_deref(), &config, &tokenizer)?;
         corpus.check_window(config.seq_len + 1)?;
-        check_split(devices.len(), config.batch_size)?;
         let run = RunDir::create(&out, a.overwrite)?;
         (run, config, start, corpus, source)
     };

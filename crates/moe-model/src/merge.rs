@@ -14,7 +14,7 @@ use moe_core::{Experts, MoeLayer, MoeLayerConfig, SwiGluFfn};
 use crate::block::Ffn;
 use crate::config::{FfnPlan, ModelConfig};
 use crate::error::{ModelError, Result};
-use crate::model::MoeLm;
+use crate::model::{MoeLm, seeded_routers};
 
 /// Why a branch's config cannot be merged with the first branch's, or `None` when the two
 /// share an architecture. Branches must be dense; the (unused) MoE section is not compared.
@@ -133,15 +133,16 @@ pub fn merge(branches: Vec<MoeLm>, moe: MoeLayerConfig, seed: u64) -> Result<Moe
             stack_ffns(&ffns)
         })
         .collect();
+    let routers = seeded_routers(&moe, first.n_layers, &device, seed)?;
+
     let mut model = branches
         .into_iter()
         .next()
         .expect("at least two branches")
         .map(&mut Replace(means.into_iter()));
-    for (block, experts) in model.blocks.iter_mut().zip(experts) {
+    for ((block, experts), router) in model.blocks.iter_mut().zip(experts).zip(routers) {
         block.ffn = Ffn::Moe(MoeLayer {
-            // Replaced by seeded fresh routers below.
-            router: moe.router.init(moe.d_model, moe.n_experts, &device),
+            router,
             experts,
             shared: None,
             capacity_factor: moe.capacity_factor,
@@ -149,5 +150,5 @@ pub fn merge(branches: Vec<MoeLm>, moe: MoeLayerConfig, seed: u64) -> Result<Moe
         });
     }
     model.config = config;
-    model.with_fresh_routers(seed)
+    Ok(model)
 }

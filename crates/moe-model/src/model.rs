@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use burn::module::{ModuleVisitor, Param};
 use burn::prelude::*;
-use moe_core::{AuxLosses, RoutingStats};
+use moe_core::{AuxLosses, MoeLayerConfig, Router, RoutingStats};
 
 use crate::attention::LayerCache;
 use crate::block::{Block, Ffn, MoeReport};
@@ -123,6 +123,20 @@ fn init_drawn<M: Module>(
     Ok(module)
 }
 
+/// `count` routers of the `moe` layer config, drawn reproducibly from `seed`.
+pub(crate) fn seeded_routers(
+    moe: &MoeLayerConfig,
+    count: usize,
+    device: &Device,
+    seed: u64,
+) -> Result<Vec<Router>> {
+    init_seeded(device, seed, || {
+        Ok((0..count)
+            .map(|_| moe.router.init(moe.d_model, moe.n_experts, device))
+            .collect())
+    })
+}
+
 impl ModelConfig {
     /// Builds the model with weights drawn reproducibly from `seed`.
     pub fn init_seeded(&self, device: &Device, seed: u64) -> Result<MoeLm> {
@@ -166,18 +180,13 @@ impl MoeLm {
     /// router preset's own initialisation, drawn from `seed`): for merged models, and as the
     /// random-router control of a trained model's routing.
     pub fn with_fresh_routers(mut self, seed: u64) -> Result<Self> {
-        let moe = &self.config.moe;
-        let device = self.embed.weight.val().device();
         let count = self
             .blocks
             .iter()
             .filter(|b| matches!(b.ffn, Ffn::Moe(_)))
             .count();
-        let routers = init_seeded(&device, seed, || {
-            Ok((0..count)
-                .map(|_| moe.router.init(moe.d_model, moe.n_experts, &device))
-                .collect::<Vec<_>>())
-        })?;
+        let device = self.embed.weight.val().device();
+        let routers = seeded_routers(&self.config.moe, count, &device, seed)?;
         let layers = self.blocks.iter_mut().filter_map(|b| match &mut b.ffn {
             Ffn::Moe(layer) => Some(layer),
             Ffn::Dense(_) => None,
