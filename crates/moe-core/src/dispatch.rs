@@ -15,6 +15,7 @@ use burn::prelude::*;
 use burn::tensor::IndexingUpdateOp;
 
 use crate::experts::Experts;
+use crate::host::runs_on_host;
 
 /// Where each expert's rows sit in the expert buffer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,17 +77,25 @@ pub enum LayoutChoice {
     DroplessPadded,
     /// Exact runs per expert; nothing dropped.
     DroplessSegments,
-    /// Exact runs when experts get many rows each (or padding would more than double the rows),
-    /// padded blocks when they get few; nothing dropped.
+    /// Exact runs on a host CPU backend, or elsewhere when experts get many rows each (or
+    /// padding would more than double the rows); padded blocks otherwise. Nothing dropped.
     DroplessAuto,
 }
 
-/// Mean rows per busy expert from which [`LayoutChoice::DroplessAuto`] cuts exact runs: one
-/// matmul per expert is then efficient and padding is pure waste. Below it (fine-grained
-/// experts), one batched matmul beats many small ones. Measured on flex in a release build
-/// (docs/benchmarks.md): 512 rows per expert, runs 136 ms vs padded 196 ms; 64 rows, padded
-/// 147 ms vs runs 152 ms.
+/// Mean rows per busy expert from which [`LayoutChoice::DroplessAuto`] cuts exact runs on an
+/// asynchronous device (wgpu): one matmul per expert is then efficient and padding is pure
+/// waste. Below it (fine-grained experts), one batched matmul beats many small ones there. On a
+/// host CPU backend exact runs always win, because their chains run side by side on the cores
+/// ([`crate::host::map_on_cores`]); docs/benchmarks.md has the measurements.
 pub const SEGMENT_MIN_ROWS: usize = 128;
+
+/// Whether [`LayoutChoice::DroplessAuto`] cuts exact runs for these expert loads.
+fn auto_cuts_runs(counts: &[usize], on_host: bool) -> bool {
+    let total: usize = counts.iter().sum();
+    let busiest = counts.iter().copied().max().unwrap_or(0);
+    let busy = counts.iter().filter(|&&c| c > 0).count().max(1);
+    total > 0 && (on_host || total >= SEGMENT_MIN_ROWS * busy || counts.len() * busiest > 2 * total)
+}
 
 impl TokenDispatch {
     /// Plans a token-choice dispatch.
@@ -129,12 +138,10 @@ impl TokenDispatch {
             LayoutChoice::DroplessSegments | LayoutChoice::DroplessAuto => {
                 let counts = host_ints(routed.clone());
                 let busiest = counts.iter().copied().max().unwrap_or(0);
-                let total: usize = counts.iter().sum();
-                let busy = counts.iter().filter(|&&c| c > 0).count().max(1);
-                let segments = total > 0
-                    && (choice == LayoutChoice::DroplessSegments
-                        || total >= SEGMENT_MIN_ROWS * busy
-                        || n_experts * busiest > 2 * total);
+                let segments = match choice {
+                    LayoutChoice::DroplessSegments => busiest > 0,
+                    _ => auto_cuts_runs(&counts, runs_on_host(&device)),
+                };
                 (segments.then_some(counts), Some(busiest))
             }
         };
@@ -224,10 +231,17 @@ pub fn expert_choice_apply(
     let [t, d] = x.dims();
     let [e, c] = tokens.dims();
     let source = tokens.reshape([e * c]); // [E*C]
+    let device = x.device();
     let buffer = x.select(0, source.clone()); // [E*C, d]
-    let y = ExpertLayout::Padded { capacity: c }.run(experts, buffer); // [E*C, d]
+    // Every expert has exactly C rows: no padding either way, but on the host the chains run
+    // side by side, which beats one batched matmul there.
+    let layout = match runs_on_host(&device) {
+        true => ExpertLayout::Segments { counts: vec![c; e] },
+        false => ExpertLayout::Padded { capacity: c },
+    };
+    let y = layout.run(experts, buffer); // [E*C, d]
     let y = y * weights.reshape([e * c, 1]);
-    Tensor::zeros([t, d], &y.device()).select_assign(0, source, y, IndexingUpdateOp::Add)
+    Tensor::zeros([t, d], &device).select_assign(0, source, y, IndexingUpdateOp::Add)
 }
 
 /// Reads a small integer tensor back to the host.
@@ -244,44 +258,42 @@ fn host_ints(t: Tensor<1, Int>) -> Vec<usize> {
 mod tests {
     use super::*;
 
-    fn layout(experts: &[[i64; 2]], choice: LayoutChoice) -> ExpertLayout {
-        let device = Device::flex();
-        let flat: Vec<i64> = experts.iter().flatten().copied().collect();
-        let experts =
-            Tensor::<1, Int>::from_ints(flat.as_slice(), &device).reshape([flat.len() / 2, 2]);
-        TokenDispatch::plan(experts, None, 8, choice).layout
+    #[test]
+    fn auto_pads_small_even_loads_off_host_and_cuts_runs_otherwise() {
+        // 8 experts, 8 assignments. Even: 4 experts take 2 each, padding to 2 rows each makes
+        // 16 rows, exactly double: padded off the host. Skewed: expert 0 takes 4, padding would
+        // make 32 rows for 8: runs.
+        let even = [2, 2, 2, 2, 0, 0, 0, 0];
+        let skewed = [4, 2, 1, 1, 0, 0, 0, 0];
+        let many = [SEGMENT_MIN_ROWS, SEGMENT_MIN_ROWS, 0, 0, 0, 0, 0, 0];
+        assert!(!auto_cuts_runs(&even, false));
+        assert!(auto_cuts_runs(&skewed, false));
+        assert!(auto_cuts_runs(&many, false));
+        // On the host, chains run side by side: always runs, unless nothing was routed.
+        assert!(auto_cuts_runs(&even, true));
+        assert!(!auto_cuts_runs(&[0; 8], true));
     }
 
     #[test]
-    fn auto_pads_small_even_loads_and_cuts_runs_otherwise() {
-        let even = [[0, 1], [2, 3], [1, 0], [3, 2]];
+    fn plans_take_the_layout_they_are_asked_for() {
+        let layout = |choice| {
+            let device = Device::flex();
+            let experts =
+                Tensor::<1, Int>::from_ints([0, 1, 2, 3, 1, 0, 3, 2], &device).reshape([4, 2]);
+            TokenDispatch::plan(experts, None, 8, choice).layout
+        };
+        let runs = ExpertLayout::Segments {
+            counts: vec![2, 2, 2, 2, 0, 0, 0, 0],
+        };
+        assert_eq!(layout(LayoutChoice::DroplessSegments), runs);
+        assert_eq!(layout(LayoutChoice::DroplessAuto), runs);
         assert_eq!(
-            layout(&even, LayoutChoice::DroplessAuto),
+            layout(LayoutChoice::DroplessPadded),
             ExpertLayout::Padded { capacity: 2 }
         );
-        // 8 experts, 8 assignments. Even: 4 experts take 2 each, padding to 2 rows each makes
-        // 16 rows, exactly double: still padded. Skewed: expert 0 takes 4, padding would make
-        // 32 rows for 8: runs.
-        let skewed = [[0, 1], [0, 2], [0, 3], [0, 1]];
         assert_eq!(
-            layout(&skewed, LayoutChoice::DroplessAuto),
-            ExpertLayout::Segments {
-                counts: vec![4, 2, 1, 1, 0, 0, 0, 0]
-            }
-        );
-        // Many rows per busy expert: exact runs even though the loads are even.
-        let many = [[0, 1]; SEGMENT_MIN_ROWS];
-        assert_eq!(
-            layout(&many, LayoutChoice::DroplessAuto),
-            ExpertLayout::Segments {
-                counts: vec![SEGMENT_MIN_ROWS, SEGMENT_MIN_ROWS, 0, 0, 0, 0, 0, 0]
-            }
-        );
-        assert_eq!(
-            layout(&even, LayoutChoice::DroplessSegments),
-            ExpertLayout::Segments {
-                counts: vec![2, 2, 2, 2, 0, 0, 0, 0]
-            }
+            layout(LayoutChoice::Capacity(1)),
+            ExpertLayout::Padded { capacity: 1 }
         );
     }
 }

@@ -1,10 +1,18 @@
 //! A bank of E SwiGLU experts stored as stacked parameters, so that all experts run as one batched
 //! matmul (`[E, C, d] x [E, d, f]`) instead of E small layers.
 
+use std::ops::Range;
+
 use burn::module::Param;
 use burn::nn::Initializer;
 use burn::prelude::*;
 use burn::tensor::activation::silu;
+
+use crate::host::{map_on_cores, runs_on_host};
+
+/// Multiply-adds of a segments pass from which its expert chains run on several cores: below
+/// it (a few rows, as in generation) starting the workers costs more than it saves.
+pub const PARALLEL_MIN_MACS: usize = 1 << 23;
 
 /// Configuration of an [`Experts`] bank.
 #[derive(Config, Debug)]
@@ -73,25 +81,44 @@ impl Experts {
     /// Each expert on its own contiguous run of rows, with no padding: rows
     /// `offset_e .. offset_e + counts[e]` go to expert e. Exact work, one matmul chain per
     /// non-empty expert; meant for inference, where slicing the stacked weights costs nothing
-    /// in the backward pass.
+    /// in the backward pass. On a host CPU backend outside autodiff, the chains run side by
+    /// side, one core each ([`map_on_cores`]), once there is enough work to share.
     ///
     /// x: `[sum(counts), d_model]` -> `[sum(counts), d_model]`
     pub fn forward_segments(&self, x: Tensor<2>, counts: &[usize]) -> Tensor<2> {
-        let [e, d, f] = self.w_gate.shape().dims();
-        let (w_gate, w_up, w_down) = (self.w_gate.val(), self.w_up.val(), self.w_down.val());
-        let mut outputs = Vec::with_capacity(e);
-        let mut offset = 0;
-        for (i, &count) in counts.iter().enumerate().filter(|(_, c)| **c > 0) {
-            let rows = x.clone().slice(offset..offset + count); // [count, d]
-            let expert = |w: &Tensor<3>, a, b| w.clone().slice(i..i + 1).reshape([a, b]);
-            let gate = silu(rows.clone().matmul(expert(&w_gate, d, f))); // [count, f]
-            let up = rows.matmul(expert(&w_up, d, f)); // [count, f]
-            outputs.push((gate * up).matmul(expert(&w_down, f, d))); // [count, d]
-            offset += count;
-        }
+        let [_, d, f] = self.w_gate.shape().dims();
+        let starts = counts.iter().scan(0, |next, &c| {
+            *next += c;
+            Some(*next - c)
+        });
+        let runs: Vec<(usize, Range<usize>)> = starts
+            .zip(counts)
+            .enumerate()
+            .filter(|(_, (_, c))| **c > 0)
+            .map(|(i, (start, c))| (i, start..start + c))
+            .collect();
+        let chain =
+            |(i, rows): &(usize, Range<usize>)| self.chain(*i, x.clone().slice(rows.clone()));
+        let macs = 3 * x.dims()[0] * d * f;
+        let outputs: Vec<Tensor<2>> = if macs >= PARALLEL_MIN_MACS && runs_on_host(&x.device()) {
+            map_on_cores(&runs, chain)
+        } else {
+            runs.iter().map(chain).collect()
+        };
         match outputs.len() {
             0 => x.zeros_like(),
             _ => Tensor::cat(outputs, 0),
         }
+    }
+
+    /// Expert i on its rows.
+    ///
+    /// rows: `[n, d_model]` -> `[n, d_model]`
+    fn chain(&self, i: usize, rows: Tensor<2>) -> Tensor<2> {
+        let [_, d, f] = self.w_gate.shape().dims();
+        let expert = |w: &Param<Tensor<3>>, a, b| w.val().slice(i..i + 1).reshape([a, b]);
+        let gate = silu(rows.clone().matmul(expert(&self.w_gate, d, f))); // [n, f]
+        let up = rows.matmul(expert(&self.w_up, d, f)); // [n, f]
+        (gate * up).matmul(expert(&self.w_down, f, d)) // [n, d]
     }
 }

@@ -14,7 +14,8 @@ use crate::stats::RoutingStats;
 /// How the experts' matmuls are issued in dropless mode.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
 pub enum ExpertCompute {
-    /// Padded batches in training; in inference, segments when experts get many rows each or
+    /// Padded batches in training. In inference, segments on a host CPU backend (their chains
+    /// run side by side on the cores); elsewhere segments when experts get many rows each or
     /// loads are very uneven, padded batches otherwise (see
     /// [`SEGMENT_MIN_ROWS`](crate::dispatch::SEGMENT_MIN_ROWS)).
     Auto,

@@ -28,6 +28,7 @@ pub mod dispatch;
 pub mod error;
 pub mod experts;
 pub mod ffn;
+pub mod host;
 pub mod layer;
 pub mod loss;
 pub mod router;

@@ -258,13 +258,15 @@ const ARGMAX_TOP_K: usize = 4;
 /// The input is first copied into a contiguous layout (a reshape through 1-D cannot be a view of
 /// a strided tensor): in burn 0.22.1 wgpu's top-k returns wrong indices for a transposed input.
 /// Small k (token choice) takes k arg-max passes, which costs O(k N) per row against the sort
-/// behind Burn's top-k on the CPU backends (measured in docs/benchmarks.md); large k (expert
-/// choice capacities) uses `topk_with_indices` (rather than `argtopk`, which refuses k == N).
+/// behind Burn's top-k on the CPU backends (measured in docs/benchmarks.md). Large k (expert
+/// choice capacities) sorts each row and keeps the first k: in burn 0.22.1 wgpu's
+/// `topk_with_indices` returns index -1 past the first few picks for k = 128 of 512 columns
+/// (seen on lavapipe), where the sort is right.
 fn top_k_indices(x: Tensor<2>, k: usize) -> Tensor<2, Int> {
     let [r, n] = x.dims();
     let x = x.reshape([r * n]).reshape([r, n]);
     if k > ARGMAX_TOP_K || k >= n {
-        return x.topk_with_indices(k, 1).1;
+        return x.sort_descending_with_indices(1).1.slice([0..r, 0..k]);
     }
     let columns = Tensor::<1, Int>::arange(0..n as i64, &x.device()).reshape([1, n]);
     let mut rest = x;
@@ -278,4 +280,38 @@ fn top_k_indices(x: Tensor<2>, k: usize) -> Tensor<2, Int> {
         picks.push(pick);
     }
     Tensor::cat(picks, 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{ints, test_device};
+    use rstest::rstest;
+
+    /// Every (k, columns) path of `top_k_indices`, including the expert-choice size that
+    /// Burn's wgpu top-k gets wrong.
+    #[rstest]
+    fn top_k_indices_match_a_host_sort(
+        #[values("flex", "ndarray", "wgpu")] backend: &str,
+        #[values((2, 8), (4, 64), (128, 512), (512, 512))] k_n: (usize, usize),
+    ) {
+        let Some(device) = test_device(backend) else {
+            return;
+        };
+        let ((k, n), rows) = (k_n, 3);
+        // Distinct values per row (37 is coprime with every n here), no ties to break.
+        let value = |r: usize, j: usize| ((j * 37 + r * 11) % n) as f32;
+        let data: Vec<f32> = (0..rows)
+            .flat_map(|r| (0..n).map(move |j| value(r, j)))
+            .collect();
+        let x = Tensor::<1>::from_floats(data.as_slice(), &device).reshape([rows, n]);
+        let expected: Vec<i64> = (0..rows)
+            .flat_map(|r| {
+                let mut order: Vec<usize> = (0..n).collect();
+                order.sort_by(|a, b| value(r, *b).total_cmp(&value(r, *a)));
+                order.into_iter().take(k).map(|j| j as i64)
+            })
+            .collect();
+        assert_eq!(ints(top_k_indices(x, k)), expected);
+    }
 }

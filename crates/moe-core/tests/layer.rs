@@ -5,6 +5,7 @@ mod common;
 use burn::module::{Module, Param};
 use burn::prelude::*;
 use common::{HostMoe, random_input};
+use moe_core::experts::PARALLEL_MIN_MACS;
 use moe_core::testing::{assert_close, ints, test_device, values};
 use moe_core::{ExpertCompute, MoeLayer, MoeLayerConfig, RouterConfig, SwiGluFfnConfig};
 use rstest::rstest;
@@ -18,12 +19,13 @@ fn host_tensor(v: &[f64], shape: [usize; 2], device: &Device) -> Tensor<2> {
 }
 
 fn check_against_reference(layer: &MoeLayer, t: usize, seed: u64, device: &Device) {
-    let (x, host_x) = random_input(t, D, seed, device);
+    let [_, d, _] = layer.experts.w_gate.dims();
+    let (x, host_x) = random_input(t, d, seed, device);
     let out = layer.forward_tokens(x, None);
     let reference = HostMoe::from_layer(layer).forward(&host_x);
     assert_close(
         out.output,
-        host_tensor(&reference.output, [t, D], device),
+        host_tensor(&reference.output, [t, d], device),
         1e-4,
     );
     let summary = out.stats.summary();
@@ -69,6 +71,28 @@ fn expert_choice_matches_naive_reference(#[values("flex", "ndarray", "wgpu")] ba
         .with_router(RouterConfig::expert_choice(2))
         .init(&device);
     check_against_reference(&layer, 29, 2, &device);
+}
+
+/// Passes big enough that, on flex and ndarray, the expert chains run side by side on the cores.
+#[rstest]
+fn chains_on_cores_match_naive_reference(
+    #[values("flex", "ndarray", "wgpu")] backend: &str,
+    #[values("top2", "expert_choice")] case: &str,
+) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    let (t, d, f, e) = (512, 64, 96, 8);
+    assert!(3 * 2 * t * d * f >= PARALLEL_MIN_MACS);
+    let router = match case {
+        "top2" => RouterConfig::mixtral(),
+        _ => RouterConfig::expert_choice(2),
+    };
+    let layer = MoeLayerConfig::new(d, f, e)
+        .with_router(router)
+        .with_compute(ExpertCompute::Segments)
+        .init(&device);
+    check_against_reference(&layer, t, 5, &device);
 }
 
 #[rstest]
