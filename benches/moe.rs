@@ -3,8 +3,8 @@
 //! forward, on flex, ndarray and wgpu (where an adapter exists).
 //!
 //! ```text
-//! cargo bench --bench moe                 # every backend
-//! cargo bench --bench moe -- flex/        # one backend
+//! cargo bench --workspace --bench moe             # every backend
+//! cargo bench --workspace --bench moe -- flex/     # one backend
 //! ```
 //!
 //! The cases are the ones `moe bench` times (`moe_train::bench::cases`), so both report the same
