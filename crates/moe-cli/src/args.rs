@@ -71,8 +71,6 @@ pub enum RouterKind {
     Switch,
     /// Sigmoid scores with a balancing selection bias.
     Deepseek,
-    /// Experts pick their tokens.
-    ExpertChoice,
 }
 
 impl RouterKind {
@@ -83,7 +81,6 @@ impl RouterKind {
             Self::Mixtral => RouterConfig::mixtral(),
             Self::Switch => RouterConfig::switch(),
             Self::Deepseek => RouterConfig::deepseek_v3(k),
-            Self::ExpertChoice => RouterConfig::expert_choice(k),
         };
         match top_k {
             Some(k) => router.with_top_k(k),

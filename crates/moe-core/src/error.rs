@@ -29,6 +29,12 @@ pub enum ConfigError {
         /// The value given.
         value: f64,
     },
+
+    /// Exact per-expert segments asked for on an autodiff (training) device.
+    #[error(
+        "expert segments are inference-only: in training, slicing each expert out of the stacked weights costs a full-bank gradient per expert; use compute Auto (bounded padding) or Padded"
+    )]
+    SegmentsInTraining,
 }
 
 /// A device name that does not parse, or names a device this machine lacks.

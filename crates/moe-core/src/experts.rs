@@ -78,6 +78,18 @@ impl Experts {
         (gate * up).matmul(self.w_down.val()) // [E, C, d_model]
     }
 
+    /// Some experts on padded blocks: block i goes to expert `ids[i]`. The weights are picked by
+    /// `select`, whose backward pass is one scatter into a bank-sized gradient, not one per
+    /// expert.
+    ///
+    /// x: `[n, C, d_model]`; ids: `[n]` -> `[n, C, d_model]`
+    pub fn forward_subset(&self, x: Tensor<3>, ids: Tensor<1, Int>) -> Tensor<3> {
+        let pick = |w: &Param<Tensor<3>>| w.val().select(0, ids.clone());
+        let gate = silu(x.clone().matmul(pick(&self.w_gate))); // [n, C, d_ff]
+        let up = x.matmul(pick(&self.w_up)); // [n, C, d_ff]
+        (gate * up).matmul(pick(&self.w_down)) // [n, C, d_model]
+    }
+
     /// Each expert on its own contiguous run of rows, with no padding: rows
     /// `offset_e .. offset_e + counts[e]` go to expert e. Exact work, one matmul chain per
     /// non-empty expert; meant for inference, where slicing the stacked weights costs nothing
@@ -85,7 +97,17 @@ impl Experts {
     /// side, one core each ([`map_on_cores`]), once there is enough work to share.
     ///
     /// x: `[sum(counts), d_model]` -> `[sum(counts), d_model]`
+    ///
+    /// # Panics
+    /// On an autodiff device: slicing one expert out of the stacked weights costs a bank-sized
+    /// gradient per expert in the backward pass (`O(E^2 d f)`); training uses
+    /// [`ExpertLayout::Tiered`](crate::dispatch::ExpertLayout::Tiered) instead.
     pub fn forward_segments(&self, x: Tensor<2>, counts: &[usize]) -> Tensor<2> {
+        assert!(
+            !x.device().is_autodiff(),
+            "expert segments are inference-only: on an autodiff device use ExpertCompute::Auto \
+             or Padded"
+        );
         let [_, d, f] = self.w_gate.shape().dims();
         let starts = counts.iter().scan(0, |next, &c| {
             *next += c;

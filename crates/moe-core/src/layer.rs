@@ -3,26 +3,30 @@
 use burn::prelude::*;
 
 use crate::accounting::Accounting;
-use crate::dispatch::{LayoutChoice, TokenDispatch, expert_choice_apply};
+use crate::dispatch::{LayoutChoice, TokenDispatch, capacity, expert_choice_apply};
 use crate::error::ConfigError;
 use crate::experts::{Experts, ExpertsConfig};
 use crate::ffn::{SwiGluFfn, SwiGluFfnConfig};
 use crate::loss::{entropy_sum, load_balancing_loss, router_z_loss};
-use crate::router::{Assignment, Router, RouterConfig, RouterKind};
+use crate::router::{Assignment, Router, RouterConfig, RouterKind, Routing};
 use crate::stats::RoutingStats;
 
 /// How the experts' matmuls are issued in dropless mode.
 #[derive(Config, Debug, Copy, PartialEq, Eq)]
 pub enum ExpertCompute {
-    /// Padded batches in training. In inference, segments on a host CPU backend (their chains
+    /// In training, padded blocks, with a second tier for busy experts when routing is uneven
+    /// ([`ExpertLayout::Tiered`](crate::dispatch::ExpertLayout::Tiered)): the work stays within
+    /// `2 sqrt(E)` times the assignments however collapsed the routing. In inference, segments
+    /// on a host CPU backend (their chains
     /// run side by side on the cores); elsewhere segments when experts get many rows each or
     /// loads are very uneven, padded batches otherwise (see
     /// [`SEGMENT_MIN_ROWS`](crate::dispatch::SEGMENT_MIN_ROWS)).
     Auto,
     /// One batched matmul over `[E, C, d]` blocks padded to the busiest expert.
     Padded,
-    /// One matmul per expert on exactly its rows (inference; in training the backward pass of
-    /// slicing the stacked weights costs a full-size gradient per expert).
+    /// One matmul per expert on exactly its rows. Inference only: in training the backward pass
+    /// of slicing the stacked weights costs a full-size gradient per expert, so a layer with
+    /// it is refused on an autodiff device.
     Segments,
 }
 
@@ -78,8 +82,12 @@ impl MoeLayerConfig {
     }
 
     /// Builds the layer, or says why the configuration cannot work.
+    /// Exact segments ([`ExpertCompute::Segments`]) are refused on an autodiff device.
     pub fn try_init(&self, device: &Device) -> Result<MoeLayer, ConfigError> {
         self.validate()?;
+        if self.compute == ExpertCompute::Segments && device.is_autodiff() {
+            return Err(ConfigError::SegmentsInTraining);
+        }
         Ok(MoeLayer {
             router: self.router.init(self.d_model, self.n_experts, device),
             experts: self.experts_config().init(device),
@@ -188,6 +196,15 @@ impl MoeLayer {
     /// Output: `[batch, seq, d_model]`.
     pub fn forward(&self, x: Tensor<3>, mask: Option<Tensor<2, Bool>>) -> MoeOutput<3> {
         let [b, s, d] = x.dims();
+        if b * s == 0 {
+            // Burn reads a 0 in a reshape target as "keep this dimension": no flattening.
+            let (aux, stats) = self.empty_aux_and_stats(&x.device());
+            return MoeOutput {
+                output: x,
+                aux,
+                stats,
+            };
+        }
         let out = self.forward_tokens(x.reshape([b * s, d]), mask.map(|m| m.reshape([b * s])));
         MoeOutput {
             output: out.output.reshape([b, s, d]),
@@ -201,112 +218,214 @@ impl MoeLayer {
     /// x: `[T, d_model]`; valid: `[T]` -> output `[T, d_model]`
     pub fn forward_tokens(&self, x: Tensor<2>, valid: Option<Tensor<1, Bool>>) -> MoeOutput<2> {
         let [t, _] = x.dims();
-        let e = self.router.n_experts();
-        let k = self.router.config.top_k;
+        if t == 0 {
+            return self.empty_output(x);
+        }
         let device = x.device();
-        let capacity = |cf: f64| self.capacity(t, cf);
-
-        let routing = self.router.forward(
-            x.clone(),
-            valid.clone(),
-            capacity(self.capacity_factor.unwrap_or(1.0)),
-        );
         let valid_f = valid.clone().map(|v| v.float()); // [T]
         let tokens = match &valid_f {
             Some(v) => v.clone().sum(),
             None => Tensor::full([1], t as f64, &device),
         };
-
-        let (mut output, routed, load, dropped, requested) = match routing.assignment {
-            Assignment::TokenChoice { experts, weights } => {
-                let choice = self.layout_choice(t, device.is_autodiff());
-                let plan = TokenDispatch::plan(experts, valid, e, choice);
-                let output = plan.apply(&self.experts, x.clone(), weights);
-                let dropped = plan.dropped();
-                let requested = tokens.clone().mul_scalar(k as f64);
-                (output, plan.routed, plan.load, dropped, requested)
+        let (routing, routed) = match self.router.config.kind {
+            RouterKind::ExpertChoice => {
+                let routing = self.route_expert_choice(x.clone(), valid.clone());
+                let routed = self.expert_choice(x.clone(), &routing.assignment, &valid_f);
+                (routing, routed)
             }
-            Assignment::ExpertChoice {
-                tokens: picks,
-                weights,
-            } => {
-                let [_, c] = picks.dims();
-                let source = picks.clone().reshape([e * c]);
-                let (weights, picked) = match &valid_f {
-                    // Padding only fills slots when real tokens run out; give it no weight.
-                    Some(v) => {
-                        let real = v.clone().select(0, source.clone()).reshape([e, c]);
-                        (weights * real.clone(), real)
-                    }
-                    None => (weights, Tensor::ones([e, c], &device)),
-                };
-                let load = picked.clone().sum_dim(1).reshape([e]); // [E]
-                let coverage = Tensor::<1>::zeros([t], &device).select_assign(
-                    0,
-                    source,
-                    picked.reshape([e * c]),
-                    burn::tensor::IndexingUpdateOp::Add,
-                ); // [T] experts per token
-                let unpicked = coverage.equal_elem(0.0).float();
-                let unpicked = match &valid_f {
-                    Some(v) => unpicked * v.clone(),
-                    None => unpicked,
-                };
-                let output = expert_choice_apply(&self.experts, x.clone(), picks, weights);
-                (output, load.clone(), load, unpicked.sum(), tokens.clone())
+            RouterKind::Softmax | RouterKind::Sigmoid => {
+                let routing = self.router.forward(x.clone());
+                let routed = self.token_choice(x.clone(), &routing.assignment, valid, &tokens);
+                (routing, routed)
             }
         };
+        let mut output = routed.output;
         if let Some(shared) = &self.shared {
             output = output + shared.forward(x);
         }
-
-        let entropy_sum = entropy_sum(routing.probs.clone(), valid_f.clone());
+        let entropy_sum = entropy_sum(routing.probs.clone().detach(), valid_f.clone());
         let aux = AuxLosses {
-            balance: load_balancing_loss(routed.clone(), routing.probs, valid_f.clone()),
+            balance: load_balancing_loss(routed.routed.clone(), routing.probs, valid_f.clone()),
             z: router_z_loss(routing.logits, valid_f),
         };
         let stats = RoutingStats {
-            load,
-            routed,
-            dropped,
-            requested,
+            load: routed.load,
+            routed: routed.routed,
+            dropped: routed.dropped,
+            requested: routed.requested,
             entropy_sum,
             tokens,
         };
         MoeOutput { output, aux, stats }
     }
 
-    /// Per-expert capacity `ceil(cf * T * k / E)` for `t` tokens, at least 1 and at most `t`.
-    fn capacity(&self, t: usize, cf: f64) -> usize {
+    /// Expert-choice routing, with each expert's capacity computed from the real tokens alone
+    /// (one scalar read back when there is a mask), so padding never changes what real tokens
+    /// get.
+    fn route_expert_choice(&self, x: Tensor<2>, valid: Option<Tensor<1, Bool>>) -> Routing {
+        let [t, _] = x.dims();
+        let real = match &valid {
+            Some(v) => v.clone().int().sum().into_scalar::<i64>() as usize,
+            None => t,
+        };
         let (e, k) = (self.router.n_experts(), self.router.config.top_k);
-        ((cf * (t * k) as f64 / e as f64).ceil() as usize).clamp(1, t)
+        let c = capacity(self.capacity_factor.unwrap_or(1.0), real, k, e);
+        self.router.forward_expert_choice(x, valid, c)
     }
 
-    /// The token-choice dispatch layout for `t` tokens, in training or inference.
-    pub fn layout_choice(&self, t: usize, training: bool) -> LayoutChoice {
+    /// Dispatches a token-choice assignment and combines the expert outputs.
+    ///
+    /// x: `[T, d_model]`; tokens: real tokens (scalar `[1]`)
+    fn token_choice(
+        &self,
+        x: Tensor<2>,
+        assignment: &Assignment,
+        valid: Option<Tensor<1, Bool>>,
+        tokens: &Tensor<1>,
+    ) -> Routed {
+        let Assignment::TokenChoice { experts, weights } = assignment else {
+            unreachable!("token-choice routers assign experts to tokens");
+        };
+        let choice = self.layout_choice(x.device().is_autodiff());
+        let plan = TokenDispatch::plan(experts.clone(), valid, self.router.n_experts(), choice);
+        let output = plan.apply(&self.experts, x, weights.clone());
+        Routed {
+            output,
+            dropped: plan.dropped(),
+            requested: tokens.clone().mul_scalar(self.router.config.top_k as f64),
+            routed: plan.routed,
+            load: plan.load,
+        }
+    }
+
+    /// Runs an expert-choice assignment; padding picked when real tokens run out gets no
+    /// weight and no load.
+    ///
+    /// x: `[T, d_model]`; valid: `[T]` (1 real, 0 padding)
+    fn expert_choice(
+        &self,
+        x: Tensor<2>,
+        assignment: &Assignment,
+        valid: &Option<Tensor<1>>,
+    ) -> Routed {
+        let Assignment::ExpertChoice { tokens, weights } = assignment else {
+            unreachable!("expert-choice routers assign tokens to experts");
+        };
+        let [t, _] = x.dims();
+        let [e, c] = tokens.dims();
+        let device = x.device();
+        let source = tokens.clone().reshape([e * c]);
+        let (weights, picked) = match valid {
+            Some(v) => {
+                let real = v.clone().select(0, source.clone()).reshape([e, c]);
+                let padding = real.clone().equal_elem(0.0);
+                (weights.clone().mask_fill(padding, 0.0), real)
+            }
+            None => (weights.clone(), Tensor::ones([e, c], &device)),
+        };
+        let load = picked.clone().sum_dim(1).reshape([e]); // [E]
+        let coverage = Tensor::<1>::zeros([t], &device).select_assign(
+            0,
+            source,
+            picked.reshape([e * c]),
+            burn::tensor::IndexingUpdateOp::Add,
+        ); // [T] experts per token
+        let mut unpicked = coverage.equal_elem(0.0).float();
+        let mut requested = Tensor::full([1], t as f64, &device);
+        if let Some(v) = valid {
+            unpicked = unpicked * v.clone();
+            requested = v.clone().sum();
+        }
+        Routed {
+            output: expert_choice_apply(&self.experts, x, tokens.clone(), weights),
+            routed: load.clone(),
+            load,
+            dropped: unpicked.sum(),
+            requested,
+        }
+    }
+
+    /// What an empty batch gives: no output rows, zero losses and statistics.
+    fn empty_output(&self, x: Tensor<2>) -> MoeOutput<2> {
+        let (aux, stats) = self.empty_aux_and_stats(&x.device());
+        MoeOutput {
+            output: x,
+            aux,
+            stats,
+        }
+    }
+
+    /// Zero losses and statistics, for an empty batch.
+    fn empty_aux_and_stats(&self, device: &Device) -> (AuxLosses, RoutingStats) {
+        let e = self.router.n_experts();
+        let zero = || Tensor::<1>::zeros([1], device);
+        let aux = AuxLosses {
+            balance: zero(),
+            z: zero(),
+        };
+        let stats = RoutingStats {
+            load: Tensor::zeros([e], device),
+            routed: Tensor::zeros([e], device),
+            dropped: zero(),
+            requested: zero(),
+            entropy_sum: zero(),
+            tokens: zero(),
+        };
+        (aux, stats)
+    }
+
+    /// The token-choice dispatch layout, in training (on an autodiff device) or inference.
+    ///
+    /// # Panics
+    /// For [`ExpertCompute::Segments`] in training: slicing the stacked weights per expert costs a
+    /// bank-sized gradient per expert in the backward pass; [`ExpertCompute::Auto`] bounds the
+    /// padding there instead.
+    pub fn layout_choice(&self, training: bool) -> LayoutChoice {
         match (self.capacity_factor, self.compute) {
-            (Some(cf), _) => LayoutChoice::Capacity(self.capacity(t, cf)),
+            (Some(cf), _) => LayoutChoice::Capacity(cf),
             (None, ExpertCompute::Padded) => LayoutChoice::DroplessPadded,
+            (None, ExpertCompute::Segments) if training => {
+                panic!("{}", ConfigError::SegmentsInTraining)
+            }
             (None, ExpertCompute::Segments) => LayoutChoice::DroplessSegments,
-            // Slicing stacked weights costs a full-size gradient per expert in the backward pass.
-            (None, ExpertCompute::Auto) if training => LayoutChoice::DroplessPadded,
+            (None, ExpertCompute::Auto) if training => LayoutChoice::DroplessTiered,
             (None, ExpertCompute::Auto) => LayoutChoice::DroplessAuto,
         }
     }
 
     /// Auxiliary-loss-free balancing (DeepSeek-V3): after an optimizer step, moves each expert's
-    /// selection bias by `rate` toward the mean load, `b_i += rate * sign(mean_load - load_i)`.
-    /// Overloaded experts become less likely to be picked, idle ones more. A no-op for a router
-    /// without selection bias.
+    /// selection bias by `rate` toward the mean of what the router sent each expert,
+    /// `b_i += rate * sign(mean_routed - routed_i)`. Overloaded experts become less likely to be
+    /// picked, idle ones more. The rule reads [`RoutingStats::routed`], the router's choices
+    /// before any capacity limit: the post-capacity load hides exactly the overload the bias is
+    /// there to correct. A no-op for a router without selection bias.
     ///
-    /// load: `[E]`, e.g. [`RoutingStats::load`] accumulated since the last update.
-    pub fn update_selection_bias(&mut self, load: Tensor<1>, rate: f64) {
+    /// stats: accumulated since the last update ([`RoutingStats::merge`]).
+    pub fn update_selection_bias(&mut self, stats: &RoutingStats, rate: f64) {
         if let Some(bias) = self.router.bias.take() {
-            let load = load.detach().to_device(&bias.val().device());
-            let delta = (load.clone().mean() - load).sign().mul_scalar(rate); // [E]
+            let routed = stats
+                .routed
+                .clone()
+                .detach()
+                .to_device(&bias.val().device());
+            let delta = (routed.clone().mean() - routed).sign().mul_scalar(rate); // [E]
             self.router.bias = Some(bias.map(|b| (b + delta).detach()));
         }
     }
+}
+
+/// What routing and the experts gave, before the shared experts and the losses.
+struct Routed {
+    /// `[T, d_model]`
+    output: Tensor<2>,
+    /// Assignments sent to each expert `[E]`.
+    routed: Tensor<1>,
+    /// Assignments each expert processed `[E]`.
+    load: Tensor<1>,
+    /// Dropped assignments (token choice) or unpicked real tokens (expert choice), `[1]`.
+    dropped: Tensor<1>,
+    /// What `dropped` is a share of, `[1]`.
+    requested: Tensor<1>,
 }
 
 #[cfg(test)]
@@ -342,19 +461,83 @@ mod tests {
         };
         let before = violation(&layer);
         for _ in 0..60 {
-            let load = layer.forward_tokens(x.clone(), None).stats.load;
-            layer.update_selection_bias(load, 0.01);
+            let stats = layer.forward_tokens(x.clone(), None).stats;
+            layer.update_selection_bias(&stats, 0.01);
         }
         let after = violation(&layer);
         assert!(before > 1.0, "the skew should overload expert 0: {before}");
         assert!(after < 0.5 * before, "max violation {before} -> {after}");
     }
 
+    fn stats(routed: [f32; 3], load: [f32; 3], device: &Device) -> RoutingStats {
+        let zero = || Tensor::<1>::zeros([1], device);
+        RoutingStats {
+            load: Tensor::from_floats(load, device),
+            routed: Tensor::from_floats(routed, device),
+            dropped: zero(),
+            requested: zero(),
+            entropy_sum: zero(),
+            tokens: zero(),
+        }
+    }
+
     #[test]
     fn bias_update_is_a_no_op_without_a_bias() {
         let device = Device::flex();
-        let mut layer = MoeLayerConfig::new(8, 8, 4).init(&device);
-        layer.update_selection_bias(Tensor::from_floats([1.0, 2.0, 3.0, 4.0], &device), 0.1);
+        let mut layer = MoeLayerConfig::new(8, 8, 3).init(&device);
+        layer.update_selection_bias(&stats([1.0, 2.0, 3.0], [1.0, 2.0, 3.0], &device), 0.1);
         assert!(layer.router.bias.is_none());
+    }
+
+    /// Routed (6, 2, 4) against a capacity of 2: the processed load (2, 2, 2) is even and would
+    /// leave the bias alone (as it did before the fix), though expert 0 is overloaded.
+    #[test]
+    fn bias_update_reads_the_routed_load_not_the_capped_one() {
+        let device = Device::flex();
+        let mut layer = MoeLayerConfig::new(8, 8, 3)
+            .with_router(RouterConfig::deepseek_v3(1))
+            .init(&device);
+        layer.update_selection_bias(&stats([6.0, 2.0, 4.0], [2.0, 2.0, 2.0], &device), 0.1);
+        let bias = layer.router.bias.as_ref().expect("selection bias").val();
+        crate::testing::assert_close(bias, Tensor::from_floats([-0.1, 0.1, 0.0], &device), 1e-7);
+    }
+
+    #[rstest]
+    fn an_empty_batch_gives_an_empty_output(#[values("flex", "ndarray", "wgpu")] backend: &str) {
+        let Some(device) = test_device(backend) else {
+            return;
+        };
+        for cf in [None, Some(1.0)] {
+            let layer = MoeLayerConfig::new(8, 8, 4)
+                .with_capacity_factor(cf)
+                .init(&device);
+            let out = layer.forward(Tensor::zeros([2, 0, 8], &device), None);
+            assert_eq!(out.output.dims(), [2, 0, 8]);
+            assert_eq!(out.stats.summary().tokens, 0.0);
+            let out = layer.forward_tokens(Tensor::zeros([0, 8], &device), None);
+            assert_eq!(out.output.dims(), [0, 8]);
+        }
+    }
+
+    #[test]
+    fn segments_are_refused_in_training() {
+        let device = Device::flex().autodiff();
+        let config = MoeLayerConfig::new(8, 8, 4).with_compute(ExpertCompute::Segments);
+        assert_eq!(
+            config.try_init(&device).unwrap_err(),
+            ConfigError::SegmentsInTraining
+        );
+        assert!(config.try_init(&Device::flex()).is_ok());
+    }
+
+    /// The router entropy is a statistic: it must not keep the router's graph alive.
+    #[test]
+    fn routing_statistics_are_outside_the_autodiff_graph() {
+        let device = Device::flex().autodiff();
+        let layer = MoeLayerConfig::new(8, 8, 4).init(&device);
+        let x = Tensor::<2>::ones([6, 8], &device);
+        let stats = layer.forward_tokens(x, None).stats;
+        assert!(!stats.entropy_sum.is_require_grad());
+        assert!(!stats.load.is_require_grad());
     }
 }

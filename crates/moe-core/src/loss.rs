@@ -1,4 +1,5 @@
-//! Auxiliary router losses. Padding tokens are excluded from every mean.
+//! Auxiliary router losses. Padding tokens are excluded from every mean (masked out, so that
+//! whatever a padding row holds, NaN included, never reaches the loss).
 
 use burn::prelude::*;
 
@@ -38,7 +39,7 @@ pub fn entropy_sum(probs: Tensor<2>, valid: Option<Tensor<1>>) -> Tensor<1> {
         .neg()
         .reshape([t]); // [T]
     match valid {
-        Some(v) => (h * v).sum(),
+        Some(v) => h.mask_fill(v.equal_elem(0.0), 0.0).sum(),
         None => h.sum(),
     }
 }
@@ -55,7 +56,9 @@ fn masked_mean_rows(x: Tensor<2>, valid: Option<Tensor<1>>) -> Tensor<1> {
     match valid {
         Some(v) => {
             let count = v.clone().sum().clamp_min(1.0); // [1]
-            (x * v.unsqueeze_dim(1)).sum_dim(0).reshape([n]) / count
+            // Masked, not multiplied by 0: a NaN in a padding row must not leak into the mean.
+            let padding = v.equal_elem(0.0).unsqueeze_dim::<2>(1).expand([t, n]);
+            x.mask_fill(padding, 0.0).sum_dim(0).reshape([n]) / count
         }
         None => x.sum_dim(0).reshape([n]).div_scalar(t as f64),
     }

@@ -60,9 +60,12 @@ impl RouterConfig {
         Self::new()
     }
 
-    /// Switch Transformer: softmax, top-1, the raw probability as gate weight.
+    /// Switch Transformer: softmax, top-1, the raw probability as gate weight, input jitter 0.01.
     pub fn switch() -> Self {
-        Self::new().with_top_k(1).with_renormalize(false)
+        Self::new()
+            .with_top_k(1)
+            .with_renormalize(false)
+            .with_jitter(0.01)
     }
 
     /// DeepSeek-V3: sigmoid affinities, top-k, normalised, with a selection bias for
@@ -176,65 +179,80 @@ impl Router {
         self.gate.weight.shape().dims::<2>()[1]
     }
 
-    /// Routes tokens. `capacity` is the per-expert capacity C used by expert choice.
+    /// Routes tokens by token choice: each token picks `top_k` experts.
     ///
-    /// x: `[T, d_model]`; `valid`: `[T]` true for real tokens (padding gets no expert under
-    /// expert choice).
-    pub fn forward(
+    /// x: `[T, d_model]`
+    ///
+    /// # Panics
+    /// For an expert-choice router, which needs a capacity: use [`Self::forward_expert_choice`].
+    pub fn forward(&self, x: Tensor<2>) -> Routing {
+        assert!(
+            self.config.kind != RouterKind::ExpertChoice,
+            "an expert-choice router picks tokens under a capacity: call forward_expert_choice"
+        );
+        let (logits, probs, scores) = self.scores(x);
+        let picker = match &self.bias {
+            Some(b) => scores.clone().detach() + b.val().unsqueeze_dim(0),
+            None => scores.clone(),
+        };
+        let experts = top_k_indices(picker, self.config.top_k); // [T, k]
+        let mut weights = scores.gather(1, experts.clone()); // [T, k]
+        if self.config.renormalize {
+            weights = weights.clone() / weights.sum_dim(1).add_scalar(RENORM_EPS);
+        }
+        if self.config.route_scale != 1.0 {
+            weights = weights.mul_scalar(self.config.route_scale);
+        }
+        Routing {
+            logits,
+            probs,
+            assignment: Assignment::TokenChoice { experts, weights },
+        }
+    }
+
+    /// Routes tokens by expert choice: each expert picks its `capacity` best tokens.
+    ///
+    /// x: `[T, d_model]`; `valid`: `[T]` true for real tokens (padding wins a slot only when
+    /// real tokens run out); capacity: at most T.
+    pub fn forward_expert_choice(
         &self,
         x: Tensor<2>,
         valid: Option<Tensor<1, Bool>>,
         capacity: usize,
     ) -> Routing {
-        let x = self.jitter(x);
-        let logits = self.gate.forward(x); // [T, E]
-        let config = &self.config;
-        let (probs, scores) = match config.kind {
-            RouterKind::Softmax | RouterKind::ExpertChoice => {
-                let p = softmax(logits.clone(), 1);
-                (p.clone(), p)
-            }
-            RouterKind::Sigmoid => {
-                let s = sigmoid(logits.clone()); // [T, E]
-                let sum = s.clone().sum_dim(1);
-                (s.clone() / sum, s)
-            }
+        let (logits, probs, scores) = self.scores(x);
+        // Padding must never win a slot: push its scores below every real score.
+        let picker = match valid {
+            Some(v) => scores.clone().mask_fill(
+                v.bool_not().unsqueeze_dim::<2>(1).expand(scores.dims()),
+                -1.0,
+            ),
+            None => scores.clone(),
         };
-        let assignment = match config.kind {
-            RouterKind::ExpertChoice => {
-                // Padding must never win a slot: push its scores below every real score.
-                let picker = match valid {
-                    Some(v) => scores.clone().mask_fill(
-                        v.bool_not().unsqueeze_dim::<2>(1).expand(scores.dims()),
-                        -1.0,
-                    ),
-                    None => scores.clone(),
-                };
-                let by_expert = scores.transpose(); // [E, T]
-                let tokens = top_k_indices(picker.transpose(), capacity); // [E, C]
-                let weights = by_expert.gather(1, tokens.clone());
-                Assignment::ExpertChoice { tokens, weights }
-            }
-            RouterKind::Softmax | RouterKind::Sigmoid => {
-                let picker = match &self.bias {
-                    Some(b) => scores.clone().detach() + b.val().unsqueeze_dim(0),
-                    None => scores.clone(),
-                };
-                let experts = top_k_indices(picker, config.top_k); // [T, k]
-                let mut weights = scores.gather(1, experts.clone()); // [T, k]
-                if config.renormalize {
-                    weights = weights.clone() / weights.sum_dim(1);
-                }
-                if config.route_scale != 1.0 {
-                    weights = weights.mul_scalar(config.route_scale);
-                }
-                Assignment::TokenChoice { experts, weights }
-            }
-        };
+        let tokens = top_k_indices(picker.transpose(), capacity); // [E, C]
+        let weights = scores.transpose().gather(1, tokens.clone());
         Routing {
             logits,
             probs,
-            assignment,
+            assignment: Assignment::ExpertChoice { tokens, weights },
+        }
+    }
+
+    /// Gate logits, affinities normalised per token, and the scores experts are picked by.
+    ///
+    /// x: `[T, d_model]` -> three `[T, E]` tensors
+    fn scores(&self, x: Tensor<2>) -> (Tensor<2>, Tensor<2>, Tensor<2>) {
+        let logits = self.gate.forward(self.jitter(x)); // [T, E]
+        match self.config.kind {
+            RouterKind::Softmax | RouterKind::ExpertChoice => {
+                let p = softmax(logits.clone(), 1);
+                (logits, p.clone(), p)
+            }
+            RouterKind::Sigmoid => {
+                let s = sigmoid(logits.clone()); // [T, E]
+                let sum = s.clone().sum_dim(1).add_scalar(RENORM_EPS);
+                (logits, s.clone() / sum, s)
+            }
         }
     }
 
@@ -248,6 +266,10 @@ impl Router {
         x * noise
     }
 }
+
+/// Added to every normalising sum of gate scores: sigmoid scores can all underflow to 0, and
+/// 0 / 0 would make the weights NaN (DeepSeek-V3 adds the same 1e-20).
+const RENORM_EPS: f64 = 1e-20;
 
 /// Up to this k, top-k is k rounds of arg-max (each masking its pick) instead of a sort.
 const ARGMAX_TOP_K: usize = 4;
@@ -282,8 +304,39 @@ fn top_k_indices(x: Tensor<2>, k: usize) -> Tensor<2, Int> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{ints, test_device};
+    use crate::testing::{ints, test_device, values};
     use rstest::rstest;
+
+    /// Sigmoid scores that all underflow to 0 used to give 0 / 0 = NaN weights and affinities.
+    #[rstest]
+    fn sigmoid_scores_that_underflow_give_finite_weights(
+        #[values("flex", "ndarray", "wgpu")] backend: &str,
+    ) {
+        let Some(device) = test_device(backend) else {
+            return;
+        };
+        let mut router = RouterConfig::deepseek_v3(2).init(4, 4, &device);
+        router.gate.weight = Param::from_tensor(Tensor::full([4, 4], -500.0, &device));
+        let routing = router.forward(Tensor::ones([3, 4], &device));
+        let Assignment::TokenChoice { weights, .. } = routing.assignment else {
+            panic!("token choice expected");
+        };
+        assert!(values(weights).iter().all(|w| w.is_finite()));
+        assert!(values(routing.probs).iter().all(|p| p.is_finite()));
+    }
+
+    #[test]
+    fn switch_preset_has_the_jitter_its_doc_gives() {
+        assert_eq!(RouterConfig::switch().jitter, 0.01);
+    }
+
+    #[test]
+    #[should_panic(expected = "forward_expert_choice")]
+    fn token_choice_forward_refuses_an_expert_choice_router() {
+        let device = Device::flex();
+        let router = RouterConfig::expert_choice(2).init(4, 4, &device);
+        router.forward(Tensor::ones([3, 4], &device));
+    }
 
     /// Every (k, columns) path of `top_k_indices`, including the expert-choice size that
     /// Burn's wgpu top-k gets wrong, on a contiguous and on a transposed (strided) input, as

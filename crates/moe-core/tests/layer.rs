@@ -7,7 +7,9 @@ use burn::prelude::*;
 use common::{HostMoe, random_input};
 use moe_core::experts::PARALLEL_MIN_MACS;
 use moe_core::testing::{assert_close, ints, test_device, values};
-use moe_core::{ExpertCompute, MoeLayer, MoeLayerConfig, RouterConfig, SwiGluFfnConfig};
+use moe_core::{
+    ExpertCompute, MoeLayer, MoeLayerConfig, RouterConfig, RouterKind, SwiGluFfnConfig,
+};
 use rstest::rstest;
 
 const D: usize = 16;
@@ -170,35 +172,73 @@ fn ample_capacity_equals_dropless(#[values("flex", "ndarray", "wgpu")] backend: 
     assert_close(a.output, b.output, 1e-5);
 }
 
+/// Padding takes no expert, no capacity and no loss: real tokens get the same outputs, losses
+/// and statistics with padding as alone. The capacity comes from the 7 real tokens
+/// (ceil(7 * 2 / 4) = 4 per expert), not from all 10 (which would give 5).
 #[rstest]
-fn padding_takes_no_expert_and_no_loss(#[values("flex", "ndarray", "wgpu")] backend: &str) {
+fn padding_changes_nothing_for_real_tokens(
+    #[values("flex", "ndarray", "wgpu")] backend: &str,
+    #[values("capacity", "expert_choice")] case: &str,
+) {
     let Some(device) = test_device(backend) else {
         return;
     };
-    let layer = MoeLayerConfig::new(D, F, 4)
-        .with_capacity_factor(Some(1.0))
-        .init(&device);
+    let config = MoeLayerConfig::new(D, F, 4).with_capacity_factor(Some(1.0));
+    let config = match case {
+        "capacity" => config,
+        _ => config.with_router(RouterConfig::expert_choice(2)),
+    };
+    let layer = config.init(&device);
     let (x, _) = random_input(10, D, 5, &device);
     let x = x.reshape([2, 5, D]);
     // The first sequence is whole; the second has 2 real tokens and 3 padding.
     let mask =
         Tensor::<2, Bool>::from_data([[true; 5], [true, true, false, false, false]], &device);
     let masked = layer.forward(x.clone(), Some(mask));
-    // Same real tokens alone, without padding.
-    let real = Tensor::cat(
-        vec![
-            x.clone().slice([0..1, 0..5]).reshape([5, D]),
-            x.slice([1..2, 0..2]).reshape([2, D]),
-        ],
-        0,
-    );
-    let alone = layer.forward_tokens(real, None);
-    let s = masked.stats.summary();
+    let real_rows = |t: Tensor<3>| {
+        Tensor::cat(
+            vec![
+                t.clone().slice([0..1, 0..5]).reshape([5, D]),
+                t.slice([1..2, 0..2]).reshape([2, D]),
+            ],
+            0,
+        )
+    };
+    let alone = layer.forward_tokens(real_rows(x), None);
+    assert_close(real_rows(masked.output), alone.output, 1e-5);
+    let (s, a) = (masked.stats.summary(), alone.stats.summary());
     assert_eq!(s.tokens, 7.0);
-    assert_eq!(s.load.iter().sum::<f64>() + s.dropped, 14.0);
-    let entropy_alone = alone.stats.summary().entropy;
-    assert!((s.entropy - entropy_alone).abs() < 1e-5);
+    assert_eq!(s.load, a.load);
+    assert_eq!(s.dropped, a.dropped);
+    assert!((s.entropy - a.entropy).abs() < 1e-5);
     assert_close(masked.aux.z, alone.aux.z, 1e-5);
+    assert_close(masked.aux.balance, alone.aux.balance, 1e-5);
+}
+
+/// A NaN in a padding token (or anywhere a dropped assignment would read) must not reach real
+/// tokens: dropped and padding rows are masked, not multiplied by 0.
+#[rstest]
+fn a_nan_in_padding_stays_in_padding(
+    #[values("flex", "ndarray", "wgpu")] backend: &str,
+    #[values(None, Some(0.5))] capacity_factor: Option<f64>,
+) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    let layer = MoeLayerConfig::new(D, F, 4)
+        .with_capacity_factor(capacity_factor)
+        .with_compute(ExpertCompute::Padded)
+        .init(&device);
+    let (x, _) = random_input(6, D, 8, &device);
+    // Token 0 is padding, and NaN; unused padded rows are filled from token 0 too.
+    let x = x.slice_assign([0..1, 0..D], Tensor::full([1, D], f32::NAN, &device));
+    let valid = Tensor::<1, Bool>::from_data([false, true, true, true, true, true], &device);
+    let out = layer.forward_tokens(x, Some(valid));
+    let real = values(out.output.slice([1..6, 0..D]));
+    assert!(real.iter().all(|v| v.is_finite()), "{real:?}");
+    let s = out.stats.summary();
+    assert!(s.entropy.is_finite() && values(out.aux.balance)[0].is_finite());
+    assert!(values(out.aux.z)[0].is_finite());
 }
 
 #[rstest]
@@ -244,7 +284,11 @@ fn all_equal_scores_still_route_correctly(
         let (x, _) = random_input(tokens, D, 3, &device);
         let out = layer.forward_tokens(x.clone(), None);
         assert!(values(out.output.clone()).iter().all(|v| v.is_finite()));
-        match layer.router.forward(x, None, tokens).assignment {
+        let routing = match layer.router.config.kind {
+            RouterKind::ExpertChoice => layer.router.forward_expert_choice(x, None, tokens),
+            _ => layer.router.forward(x),
+        };
+        match routing.assignment {
             moe_core::Assignment::TokenChoice { experts, weights } => {
                 let ex = ints(experts);
                 assert_ne!(ex[0], ex[1], "distinct experts under ties: {ex:?}");
@@ -275,7 +319,7 @@ fn routing_picks_k_distinct_experts_with_unit_weights(
         .with_router(RouterConfig::mixtral().with_top_k(3))
         .init(&device);
     let (x, _) = random_input(20, D, 7, &device);
-    let routing = layer.router.forward(x, None, 1);
+    let routing = layer.router.forward(x);
     let moe_core::Assignment::TokenChoice { experts, weights } = routing.assignment else {
         panic!("token choice expected")
     };

@@ -1,22 +1,47 @@
 //! Routing invariants over random shapes (proptest), on every backend.
 
+use burn::module::Param;
 use burn::prelude::*;
-use moe_core::testing::{assert_close, ints, test_device, values};
-use moe_core::{Assignment, MoeLayer, MoeLayerConfig, RouterConfig};
+use moe_core::testing::{ints, test_device, values};
+use moe_core::{Assignment, MoeLayer, MoeLayerConfig, RouterConfig, RouterKind};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use rstest::rstest;
 
-/// (tokens, experts, k, router, permutation of the tokens)
-fn shapes() -> impl Strategy<Value = (usize, usize, usize, usize, Vec<usize>)> {
+/// A routing case drawn by proptest, so that a failure shrinks and reproduces: the sizes, the
+/// router, a permutation of the tokens, the tokens `[T * D]` and the gate weights `[D * E]`.
+#[derive(Debug, Clone)]
+struct Case {
+    t: usize,
+    e: usize,
+    k: usize,
+    kind: usize,
+    perm: Vec<usize>,
+    x: Vec<f32>,
+    gate: Vec<f32>,
+}
+
+/// Model width of every case.
+const D: usize = 8;
+
+fn cases_strategy() -> impl Strategy<Value = Case> {
     (1usize..24, 1usize..12).prop_flat_map(|(t, e)| {
         (
-            Just(t),
-            Just(e),
             1..=e,
             0usize..4,
             Just((0..t).collect::<Vec<_>>()).prop_shuffle(),
+            prop::collection::vec(-2.0f32..2.0, t * D),
+            prop::collection::vec(-1.0f32..1.0, D * e),
         )
+            .prop_map(move |(k, kind, perm, x, gate)| Case {
+                t,
+                e,
+                k,
+                kind,
+                perm,
+                x,
+                gate,
+            })
     })
 }
 
@@ -30,13 +55,13 @@ fn routing_invariants_hold_for_random_shapes(#[values("flex", "ndarray", "wgpu")
     let Some(device) = test_device(backend) else {
         return;
     };
-    let d = 8;
     let mut runner = TestRunner::new(Config {
         cases: cases(backend),
         ..Config::default()
     });
     runner
-        .run(&shapes(), |(t, e, k, kind, perm)| {
+        .run(&cases_strategy(), |case| {
+            let Case { t, e, k, kind, .. } = case;
             let router = match kind {
                 0 => RouterConfig::mixtral().with_top_k(k),
                 1 => RouterConfig::deepseek_v3(k),
@@ -45,15 +70,24 @@ fn routing_invariants_hold_for_random_shapes(#[values("flex", "ndarray", "wgpu")
                     .with_top_k(k)
                     .with_renormalize(false),
             };
-            let layer = MoeLayerConfig::new(d, 8, e)
+            let mut layer = MoeLayerConfig::new(D, 8, e)
                 .with_router(router.clone())
                 .init(&device);
-            let x = Tensor::<2>::random([t, d], burn::tensor::Distribution::Default, &device);
+            let gate = Tensor::<1>::from_floats(case.gate.as_slice(), &device).reshape([D, e]);
+            layer.router.gate.weight = Param::from_tensor(gate);
+            let x = Tensor::<1>::from_floats(case.x.as_slice(), &device).reshape([t, D]);
 
             let out = layer.forward_tokens(x.clone(), None);
             let summary = out.stats.summary();
             let capacity = (t * k).div_ceil(e).clamp(1, t);
-            let routing = layer.router.forward(x.clone(), None, capacity);
+            let routing = match router.kind {
+                RouterKind::ExpertChoice => {
+                    layer
+                        .router
+                        .forward_expert_choice(x.clone(), None, capacity)
+                }
+                _ => layer.router.forward(x.clone()),
+            };
             let (experts, weights) = match routing.assignment {
                 Assignment::TokenChoice { experts, weights } => (experts, weights),
                 Assignment::ExpertChoice { tokens, .. } => {
@@ -67,8 +101,7 @@ fn routing_invariants_hold_for_random_shapes(#[values("flex", "ndarray", "wgpu")
                         prop_assert!(r.iter().all(|&i| (0..t as i64).contains(&i)));
                     }
                     prop_assert!(summary.load.iter().all(|&l| l == capacity as f64));
-                    permutation_permutes_output(&layer, x, out.output, &perm, &device);
-                    return Ok(());
+                    return permutation_permutes_output(&layer, x, out.output, &case.perm);
                 }
             };
             // Exactly k distinct experts per token; renormalised weights sum to 1.
@@ -91,8 +124,7 @@ fn routing_invariants_hold_for_random_shapes(#[values("flex", "ndarray", "wgpu")
             prop_assert_eq!(summary.load.iter().sum::<f64>(), (t * k) as f64);
             prop_assert_eq!(summary.dropped, 0.0);
 
-            permutation_permutes_output(&layer, x, out.output, &perm, &device);
-            Ok(())
+            permutation_permutes_output(&layer, x, out.output, &case.perm)
         })
         .unwrap();
 }
@@ -103,15 +135,13 @@ fn permutation_permutes_output(
     x: Tensor<2>,
     output: Tensor<2>,
     perm: &[usize],
-    device: &Device,
-) {
-    let idx = Tensor::<1, Int>::from_ints(
-        perm.iter()
-            .map(|&i| i as i64)
-            .collect::<Vec<_>>()
-            .as_slice(),
-        device,
-    );
-    let permuted = layer.forward_tokens(x.select(0, idx.clone()), None).output;
-    assert_close(permuted, output.select(0, idx), 1e-5);
+) -> Result<(), TestCaseError> {
+    let perm: Vec<i64> = perm.iter().map(|&i| i as i64).collect();
+    let idx = Tensor::<1, Int>::from_ints(perm.as_slice(), &x.device());
+    let permuted = values(layer.forward_tokens(x.select(0, idx.clone()), None).output);
+    let expected = values(output.select(0, idx));
+    for (a, b) in permuted.iter().zip(&expected) {
+        prop_assert!((a - b).abs() < 1e-5, "permuted output {} vs {}", a, b);
+    }
+    Ok(())
 }

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use burn::prelude::*;
-use moe_core::{MoeLayerConfig, RouterConfig};
+use moe_core::{MoeLayerConfig, RouterConfig, RouterKind};
 
 use crate::error::ModelError;
 
@@ -148,6 +148,14 @@ impl ModelConfig {
                 ));
             }
             self.moe.validate()?;
+            if self.moe.router.kind == RouterKind::ExpertChoice {
+                return bad(
+                    "expert-choice routing is not causal (a token's experts depend on \
+                     later tokens of its sequence, and decoding one token makes every expert \
+                     take it): use a token-choice router in a language model"
+                        .into(),
+                );
+            }
         }
         Ok(())
     }
@@ -227,6 +235,12 @@ mod tests {
                     MoeLayerConfig::new(128, 128, 2).with_router(RouterConfig::new().with_top_k(3)),
                 ),
                 "top_k",
+            ),
+            (
+                ModelConfig::new().with_moe(
+                    MoeLayerConfig::new(128, 128, 8).with_router(RouterConfig::expert_choice(2)),
+                ),
+                "not causal",
             ),
         ];
         for (config, expected) in cases {

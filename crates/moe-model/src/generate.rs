@@ -54,7 +54,25 @@ impl Sampling {
 }
 
 /// Picks a token from one row of logits.
-pub fn sample(logits: &[f32], sampling: &Sampling, rng: &mut StdRng) -> u32 {
+///
+/// A NaN logit is an error (a model that produced one has diverged or was loaded wrongly), as
+/// is a row with no finite logit.
+pub fn sample(logits: &[f32], sampling: &Sampling, rng: &mut StdRng) -> Result<u32> {
+    if let Some(i) = logits.iter().position(|l| l.is_nan()) {
+        return Err(ModelError::Generation(format!(
+            "the model produced a NaN logit (token {i}); its weights or inputs are broken"
+        )));
+    }
+    if !logits.iter().any(|l| l.is_finite()) {
+        return Err(ModelError::Generation(
+            "the model produced no finite logit".into(),
+        ));
+    }
+    Ok(pick(logits, sampling, rng))
+}
+
+/// [`sample`] on finite logits.
+fn pick(logits: &[f32], sampling: &Sampling, rng: &mut StdRng) -> u32 {
     let argmax = || {
         logits
             .iter()
@@ -143,7 +161,7 @@ pub fn generate(
             .into_data()
             .try_into_vec_as::<f32>()
             .expect("float logits");
-        let token = sample(&last, sampling, &mut rng);
+        let token = sample(&last, sampling, &mut rng)?;
         out.push(token);
         if Some(token) == eos {
             break;
@@ -161,7 +179,7 @@ mod tests {
     fn greedy_takes_the_argmax() {
         let mut rng = StdRng::seed_from_u64(0);
         assert_eq!(
-            sample(&[0.1, 3.0, -1.0, 2.9], &Sampling::greedy(), &mut rng),
+            sample(&[0.1, 3.0, -1.0, 2.9], &Sampling::greedy(), &mut rng).unwrap(),
             1
         );
     }
@@ -177,7 +195,7 @@ mod tests {
             seed: 7,
         };
         for _ in 0..50 {
-            assert_eq!(sample(&logits, &top1, &mut rng), 1);
+            assert_eq!(sample(&logits, &top1, &mut rng).unwrap(), 1);
         }
         // Tokens 1 and 2 carry almost all the mass; p = 0.9 never reaches 0 or 3.
         let nucleus = Sampling {
@@ -187,7 +205,7 @@ mod tests {
             seed: 7,
         };
         let picks: Vec<u32> = (0..200)
-            .map(|_| sample(&logits, &nucleus, &mut rng))
+            .map(|_| sample(&logits, &nucleus, &mut rng).unwrap())
             .collect();
         assert!(picks.iter().all(|t| *t == 1 || *t == 2));
         assert!(picks.contains(&1) && picks.contains(&2));
@@ -205,10 +223,26 @@ mod tests {
         let draw = || {
             let mut rng = StdRng::seed_from_u64(s.seed);
             (0..20)
-                .map(|_| sample(&logits, &s, &mut rng))
+                .map(|_| sample(&logits, &s, &mut rng).unwrap())
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(), draw());
+    }
+
+    /// A NaN logit used to be skipped over silently (the last token came out).
+    #[test]
+    fn nan_logits_are_an_error() {
+        let mut rng = StdRng::seed_from_u64(0);
+        let warm = Sampling {
+            temperature: 1.0,
+            ..Sampling::greedy()
+        };
+        for s in [Sampling::greedy(), warm] {
+            let err = sample(&[0.5, f32::NAN, 1.0], &s, &mut rng).unwrap_err();
+            assert!(err.to_string().contains("NaN logit"), "{err}");
+            let all_inf = sample(&[f32::NEG_INFINITY; 3], &s, &mut rng).unwrap_err();
+            assert!(all_inf.to_string().contains("no finite logit"), "{all_inf}");
+        }
     }
 
     #[test]

@@ -423,11 +423,11 @@ pub fn breakdown(
     let layer = config.init(device);
     let (t, d, e) = (s.tokens, s.d_model, config.n_experts);
     let x = input(t, d, device);
-    let routing = layer.router.forward(x.clone(), None, t);
+    let routing = layer.router.forward(x.clone());
     let Assignment::TokenChoice { experts, weights } = routing.assignment else {
         unreachable!("the breakdown is of token-choice routing")
     };
-    let choice = layer.layout_choice(t, false);
+    let choice = layer.layout_choice(false);
     let plan = TokenDispatch::plan(experts.clone(), None, e, choice);
     let buffer = x.clone().select(0, plan.source.clone());
     let y = plan.layout.run(&layer.experts, buffer.clone());
@@ -437,7 +437,7 @@ pub fn breakdown(
         (
             "router (gate matmul, softmax, top-k)".to_string(),
             ms(&|()| {
-                let r = layer.router.forward(x.clone(), None, t);
+                let r = layer.router.forward(x.clone());
                 read_back(r.probs)
             }),
         ),
@@ -458,17 +458,7 @@ pub fn breakdown(
         ),
         (
             "combine (gather back, weight, sum over k)".to_string(),
-            ms(&|()| {
-                let [_, k] = weights.dims();
-                let out = y.clone().select(0, plan.read.clone());
-                let w = weights.clone().transpose().reshape([t * k]) * plan.keep.clone();
-                read_back(
-                    (out * w.unsqueeze_dim(1))
-                        .reshape([k, t, d])
-                        .sum_dim(0)
-                        .reshape([t, d]),
-                )
-            }),
+            ms(&|()| read_back(plan.combine(y.clone(), weights.clone()))),
         ),
         (
             "whole layer forward".to_string(),

@@ -211,7 +211,7 @@ pub fn step_loss(
 fn update_biases(model: &mut MoeLm, routing: &[(usize, RoutingStats)], rate: f64) {
     for (layer, stats) in routing {
         if let Ffn::Moe(moe) = &mut model.blocks[*layer].ffn {
-            moe.update_selection_bias(stats.load.clone(), rate);
+            moe.update_selection_bias(stats, rate);
         }
     }
 }
