@@ -14,6 +14,16 @@
 //! assert_eq!(corpus.names(), ["code", "arithmetic", "english", "spanish"]);
 //! # let _ = config;
 //! ```
+//!
+//! ## Module layers
+//!
+//! The modules form layers; each imports only modules below it, never one above:
+//!
+//! `error` < `config` < `tokenizer` < `corpus` < `data` < `run` < `objective` < `routing` <
+//! `eval` < `merge_info` < `parallel` < `train` < `branch` < `report`
+//!
+//! (`objective`: the losses; `routing`: routing statistics over passes; `merge_info`: the
+//! record of a merged model's experts.) `grep -rn 'use crate::' src` lists the edges.
 #![warn(missing_docs)]
 
 pub mod bench;
@@ -23,8 +33,11 @@ pub mod corpus;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod merge_info;
+pub mod objective;
 pub mod parallel;
 pub mod report;
+pub mod routing;
 pub mod run;
 pub mod tokenizer;
 pub mod train;

@@ -14,7 +14,6 @@ use burn::lr_scheduler::linear::LinearLrSchedulerConfig;
 use burn::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
 use burn::lr_scheduler::sequential::SequentialLrSchedulerConfig;
 use burn::module::Module;
-use burn::nn::loss::CrossEntropyLossConfig;
 use burn::optim::{AdamWConfig, ModuleOptimizer};
 use burn::prelude::*;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -25,12 +24,13 @@ use moe_model::model::seed_device;
 use moe_model::{ModelConfig, MoeLm};
 use serde_json::json;
 
-use crate::branch::{MERGE_FILE, MergeInfo};
 use crate::config::{TrainConfig, TrainPart};
-use crate::data::{Batch, Corpus, train_windows};
+use crate::data::{Corpus, train_windows};
 use crate::error::{DataError, Result};
-use crate::eval::{domain_losses, merge_routing, routing_line};
+use crate::eval::domain_losses;
+use crate::merge_info::{MERGE_FILE, MergeInfo};
 use crate::parallel::{StepEngine, StepResult};
+use crate::routing::{merge_routing, routing_line};
 use crate::run::{OPTIMIZER_FILE, RunDir, STATE_FILE, TrainerState};
 use crate::tokenizer::Tokenizer;
 
@@ -178,33 +178,6 @@ fn trainable(model: MoeLm, part: TrainPart) -> MoeLm {
             model
         }
     }
-}
-
-/// Cross-entropy of next-token prediction. logits: `[b, s, V]`, targets: `[b, s]`. Scalar `[1]`.
-pub fn lm_loss(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
-    let [b, s, v] = logits.dims();
-    CrossEntropyLossConfig::new()
-        .init(&logits.device())
-        .forward(logits.reshape([b * s, v]), targets.reshape([b * s]))
-}
-
-/// One training step's loss: language model + weighted auxiliary losses (mean over MoE layers).
-/// Returns (total, language-model part, routing statistics per MoE layer).
-pub fn step_loss(
-    model: &MoeLm,
-    batch: &Batch,
-    config: &TrainConfig,
-) -> (Tensor<1>, Tensor<1>, Vec<(usize, RoutingStats)>) {
-    let out = model.forward(batch.inputs.clone(), None);
-    let lm = lm_loss(out.logits, batch.targets.clone());
-    let mut loss = lm.clone();
-    if let Some(aux) = out.aux {
-        let n = out.routing.len() as f64;
-        loss = loss
-            + aux.balance.mul_scalar(config.aux_loss_coef / n)
-            + aux.z.mul_scalar(config.z_loss_coef / n);
-    }
-    (loss, lm, out.routing)
 }
 
 /// Applies the auxiliary-loss-free bias update to every MoE layer with a selection bias.
