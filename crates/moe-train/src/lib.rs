@@ -4,7 +4,7 @@
 //! [`Tokenizer`] trait, a built-in four-domain corpus (code, arithmetic, English, Spanish) and
 //! user corpora, the joint training loop with balancing losses or bias updates, exact resume,
 //! branch training and merging (Branch-Train-MiX), evaluation with per-domain losses and
-//! domain x expert routing tables, SVG reports, and the MoE-vs-dense benchmark cases.
+//! domain x expert routing tables, and SVG reports.
 //!
 //! ```no_run
 //! use moe_train::{ByteTokenizer, Corpus, TrainConfig};
@@ -26,7 +26,6 @@
 //! record of a merged model's experts.) `grep -rn 'use crate::' src` lists the edges.
 #![warn(missing_docs)]
 
-pub mod bench;
 pub mod branch;
 pub mod config;
 pub mod corpus;
