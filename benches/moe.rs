@@ -7,15 +7,15 @@
 //! cargo bench --workspace --bench moe -- flex/     # one backend
 //! ```
 //!
-//! The cases are the ones `moe bench` times (`moe_train::bench::cases`), so both report the same
+//! The cases are the ones `moe bench` times (`moe_bench::cases`), so both report the same
 //! work. Each call reads one scalar back, which synchronises asynchronous backends; inputs are
 //! drawn fresh for every call, outside the timer.
 
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use moe::moe_bench::{BenchSizes, cases};
 use moe::moe_core::parse_device;
-use moe::moe_train::bench::{BenchSizes, cases};
 
 fn backends(c: &mut Criterion) {
     let sizes = BenchSizes::default();

@@ -1,7 +1,7 @@
 //! `moe bench`: MoE against dense feed-forward blocks on one backend, measured.
 
 use clap::Args;
-use moe_train::bench::{BenchBudget, BenchSizes, run};
+use moe_bench::{BenchBudget, BenchSizes, run};
 
 /// Arguments of `moe bench`.
 #[derive(Args, Debug)]

@@ -3,13 +3,13 @@
 
 use std::fmt;
 
-use moe_core::{RoutingStats, RoutingSummary};
+use moe_core::RoutingStats;
 use moe_model::MoeLm;
 use serde::Serialize;
-use serde_json::json;
 
 use crate::data::{Corpus, batch_from_windows, valid_windows};
-use crate::train::lm_loss;
+use crate::objective::lm_loss;
+use crate::routing::merge_routing;
 
 /// One domain's validation figures.
 #[derive(Debug, Clone, Serialize)]
@@ -103,20 +103,6 @@ pub fn normalized_mutual_information(counts: &[Vec<f64>]) -> f64 {
     } else {
         (2.0 * mi / h).clamp(0.0, 1.0)
     }
-}
-
-/// Adds one pass's per-layer routing statistics to an accumulator (empty at first).
-pub fn merge_routing(
-    acc: Vec<(usize, RoutingStats)>,
-    pass: Vec<(usize, RoutingStats)>,
-) -> Vec<(usize, RoutingStats)> {
-    if acc.is_empty() {
-        return pass;
-    }
-    acc.into_iter()
-        .zip(pass)
-        .map(|((layer, a), (_, b))| (layer, a.merge(b)))
-        .collect()
 }
 
 /// Runs one domain's validation windows; returns (mean loss, tokens, routing per MoE layer).
@@ -253,22 +239,6 @@ pub fn random_router_controls(
         })?,
         control("untrained model", &|s| model.config.init_seeded(&device, s))?,
     ])
-}
-
-/// Routing figures of a training window, summed over MoE layers, for `metrics.jsonl`.
-pub fn routing_line(layers: &[RoutingSummary]) -> serde_json::Value {
-    let n = layers.len().max(1) as f64;
-    let mean = |f: &dyn Fn(&RoutingSummary) -> f64| layers.iter().map(f).sum::<f64>() / n;
-    let min_share = mean(&|s| s.load_share.iter().cloned().fold(f64::INFINITY, f64::min));
-    let max_share = mean(&|s| s.load_share.iter().cloned().fold(0.0, f64::max));
-    json!({
-        "min_share": min_share,
-        "max_share": max_share,
-        "load_cv": mean(&|s| s.load_cv),
-        "dropped_fraction": mean(&|s| s.dropped_fraction),
-        "entropy": mean(&|s| s.entropy),
-        "max_violation": mean(&|s| s.max_violation),
-    })
 }
 
 /// NMIs as a comma-separated list.

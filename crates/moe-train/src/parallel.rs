@@ -29,8 +29,8 @@ use moe_model::MoeLm;
 use crate::config::TrainConfig;
 use crate::data::{Batch, Corpus, batch_from_windows};
 use crate::error::{DataError, Result};
-use crate::eval::merge_routing;
-use crate::train::step_loss;
+use crate::objective::step_loss;
+use crate::routing::merge_routing;
 
 /// One device's share of a step.
 pub struct Shard {

@@ -15,8 +15,9 @@ use moe_model::block::Ffn;
 use moe_model::checkpoint::{self, CheckpointWriter};
 use moe_model::{FfnPlan, ModelConfig, MoeLm};
 use moe_train::branch::{
-    Branch, BranchJob, BranchOutcome, MergeInfo, merge_checkpoints, save_merged, train_branches,
+    Branch, BranchJob, BranchOutcome, merge_checkpoints, save_merged, train_branches,
 };
+use moe_train::merge_info::MergeInfo;
 use moe_train::{
     ByteTokenizer, Corpus, RunDir, Start, Tokenizer, TrainConfig, TrainPart, evaluate, train,
 };
