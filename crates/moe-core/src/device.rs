@@ -1,10 +1,16 @@
 //! One place that turns a device name (`flex`, `ndarray`, `wgpu`, `wgpu:N`, `wgpu:cpu`) into a
 //! Burn [`Device`]. Every binary, example, benchmark and test selects its backend through here.
+//!
+//! Each backend is a Cargo feature of moe-core (`flex`, `ndarray`, `wgpu`, all on by default).
+//! Every name parses whatever the features; opening a backend that is not compiled in returns
+//! [`DeviceError::NotCompiled`]. The backend-specific code of moe-core lives in this module.
 
 use std::fmt;
 use std::str::FromStr;
 
-use burn::tensor::{Device, DeviceKind, DeviceType};
+use burn::tensor::Device;
+#[cfg(feature = "wgpu")]
+use burn::tensor::{DeviceKind, DeviceType};
 
 use crate::error::DeviceError;
 
@@ -64,13 +70,34 @@ impl fmt::Display for DeviceSpec {
 }
 
 impl DeviceSpec {
-    /// The Burn device, after checking that a wgpu adapter exists (creating a wgpu device
-    /// without one would panic on first use).
+    /// The moe-core feature that compiles this backend in (`flex`, `ndarray` or `wgpu`).
+    pub fn feature(&self) -> &'static str {
+        match self {
+            Self::Flex => "flex",
+            Self::NdArray => "ndarray",
+            Self::Wgpu(_) => "wgpu",
+        }
+    }
+
+    /// Whether this build of moe-core has this backend (its feature is enabled).
+    pub fn is_compiled(&self) -> bool {
+        match self {
+            Self::Flex => cfg!(feature = "flex"),
+            Self::NdArray => cfg!(feature = "ndarray"),
+            Self::Wgpu(_) => cfg!(feature = "wgpu"),
+        }
+    }
+
+    /// The Burn device, after checking that the backend is compiled in and, for wgpu, that an
+    /// adapter exists (creating a wgpu device without one would panic on first use).
     pub fn device(&self) -> Result<Device, DeviceError> {
         match self {
+            #[cfg(feature = "flex")]
             Self::Flex => Ok(Device::flex()),
+            #[cfg(feature = "ndarray")]
             #[allow(deprecated)] // ndarray stays a supported backend of this project
             Self::NdArray => Ok(Device::ndarray()),
+            #[cfg(feature = "wgpu")]
             Self::Wgpu(adapter) => {
                 let adapters = wgpu_adapters();
                 let found = adapters.len();
@@ -85,13 +112,40 @@ impl DeviceSpec {
                     WgpuAdapter::Cpu => Ok(Device::wgpu(DeviceKind::Cpu)),
                 }
             }
+            #[allow(unreachable_patterns)] // every backend compiled in
+            _ => Err(DeviceError::NotCompiled {
+                backend: self.feature(),
+            }),
         }
     }
 }
 
 /// Every wgpu adapter on this machine, GPUs first, as Burn lists them.
+#[cfg(feature = "wgpu")]
 pub fn wgpu_adapters() -> Vec<Device> {
     Device::enumerate(DeviceType::Wgpu).into_iter().collect()
+}
+
+/// Every wgpu adapter on this machine: none, as the `wgpu` feature is off.
+#[cfg(not(feature = "wgpu"))]
+pub fn wgpu_adapters() -> Vec<Device> {
+    Vec::new()
+}
+
+/// Whether `device` is one of the host CPU backends (flex, ndarray), with or without autodiff.
+/// Each has a single device, and `Device` equality ignores autodiff.
+pub(crate) fn is_host_backend(device: &Device) -> bool {
+    #[cfg(feature = "flex")]
+    if *device == Device::flex() {
+        return true;
+    }
+    #[cfg(feature = "ndarray")]
+    #[allow(deprecated)] // ndarray stays a supported backend of this project
+    if *device == Device::ndarray() {
+        return true;
+    }
+    let _ = device;
+    false
 }
 
 /// Parses a device name and opens it: `parse_device("flex")`, `parse_device("wgpu:cpu")`.
@@ -127,6 +181,35 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_backend_left_out_of_the_build_is_a_clear_error() {
+        let err = DeviceError::NotCompiled { backend: "ndarray" };
+        assert_eq!(
+            err.to_string(),
+            "backend `ndarray` is not compiled in: enable moe-core's `ndarray` feature"
+        );
+        for name in ["flex", "ndarray", "wgpu", "wgpu:cpu", "wgpu:1"] {
+            let spec: DeviceSpec = name.parse().unwrap();
+            let result = spec.device();
+            if spec.is_compiled() {
+                assert!(
+                    !matches!(result, Err(DeviceError::NotCompiled { .. })),
+                    "{name}"
+                );
+            } else {
+                let backend = spec.feature();
+                assert_eq!(result.unwrap_err(), DeviceError::NotCompiled { backend });
+            }
+        }
+        assert_eq!(DeviceSpec::Flex.is_compiled(), cfg!(feature = "flex"));
+        assert_eq!(DeviceSpec::NdArray.is_compiled(), cfg!(feature = "ndarray"));
+        assert_eq!(
+            DeviceSpec::Wgpu(WgpuAdapter::Cpu).is_compiled(),
+            cfg!(feature = "wgpu")
+        );
+    }
+
+    #[cfg(feature = "wgpu")]
     #[test]
     fn an_adapter_index_past_the_list_is_an_error() {
         let found = wgpu_adapters().len();

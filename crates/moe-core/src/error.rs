@@ -53,4 +53,10 @@ pub enum DeviceError {
         /// How many wgpu adapters were found.
         found: usize,
     },
+    /// The backend's moe-core feature is off in this build.
+    #[error("backend `{backend}` is not compiled in: enable moe-core's `{backend}` feature")]
+    NotCompiled {
+        /// The backend, also the name of its feature: `flex`, `ndarray` or `wgpu`.
+        backend: &'static str,
+    },
 }

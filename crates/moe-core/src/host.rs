@@ -10,7 +10,6 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use burn::backend::DispatchDevice;
 use burn::prelude::Device;
 use rayon::{ThreadPool, ThreadPoolBuilder};
 
@@ -18,10 +17,7 @@ use rayon::{ThreadPool, ThreadPoolBuilder};
 /// without autodiff). Asynchronous devices (wgpu) already overlap queued work, and an autodiff
 /// graph is recorded on one thread.
 pub fn runs_on_host(device: &Device) -> bool {
-    matches!(
-        device.as_dispatch(),
-        DispatchDevice::Flex(_) | DispatchDevice::NdArray(_)
-    )
+    !device.is_autodiff() && crate::device::is_host_backend(device)
 }
 
 /// `f` applied to every item, in item order. The items are taken in turn by one worker per core
@@ -100,5 +96,12 @@ mod tests {
     fn only_synchronous_host_devices_run_chains_on_cores() {
         assert!(runs_on_host(&Device::flex()));
         assert!(!runs_on_host(&Device::flex().autodiff()));
+        #[allow(deprecated)] // ndarray stays a supported backend of this project
+        let ndarray = Device::ndarray();
+        assert!(runs_on_host(&ndarray));
+        assert!(!runs_on_host(&ndarray.autodiff()));
+        if let Some(wgpu) = crate::device::wgpu_adapters().into_iter().next() {
+            assert!(!runs_on_host(&wgpu));
+        }
     }
 }

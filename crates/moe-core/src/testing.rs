@@ -3,18 +3,22 @@
 //!
 //! Tests take the backend name as an `rstest` case and open it with [`test_device`]. wgpu runs
 //! where an adapter exists; with `MOE_REQUIRE_WGPU=1` (set by CI) a missing adapter fails the test
-//! instead of skipping it.
+//! instead of skipping it. A backend whose moe-core feature is off skips the same way (wgpu's
+//! too, unless `MOE_REQUIRE_WGPU=1`).
 
 use burn::prelude::*;
 use burn::tensor::{TensorData, Tolerance};
 
 use crate::device::parse_device;
+use crate::error::DeviceError;
 
-/// Opens the backend under test, or returns `None` (after saying so on stderr) when it is wgpu
-/// and this machine has no adapter and `MOE_REQUIRE_WGPU` is not set.
+/// Opens the backend under test, or returns `None` (after saying so on stderr) when this build
+/// leaves the backend out, or when it is wgpu and this machine has no adapter, and
+/// `MOE_REQUIRE_WGPU` is not set.
 ///
 /// # Panics
-/// When the backend is wgpu, no adapter exists and `MOE_REQUIRE_WGPU=1`.
+/// When the backend is wgpu, it is not compiled in or no adapter exists, and
+/// `MOE_REQUIRE_WGPU=1`; on any other error.
 pub fn test_device(backend: &str) -> Option<Device> {
     match parse_device(backend) {
         Ok(device) => Some(device),
@@ -22,6 +26,10 @@ pub fn test_device(backend: &str) -> Option<Device> {
             if std::env::var("MOE_REQUIRE_WGPU").is_ok_and(|v| v == "1") {
                 panic!("MOE_REQUIRE_WGPU=1 but {e}");
             }
+            eprintln!("SKIPPED on {backend}: {e}");
+            None
+        }
+        Err(e @ DeviceError::NotCompiled { .. }) => {
             eprintln!("SKIPPED on {backend}: {e}");
             None
         }
