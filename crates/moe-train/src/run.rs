@@ -6,6 +6,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use moe_model::durable;
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
@@ -223,12 +224,8 @@ impl RunDir {
     }
 }
 
-/// Writes a file by writing a temporary sibling and renaming it over the target.
+/// Writes a file by writing a temporary sibling (`NAME.tmp-PID`) and renaming it over the target,
+/// synced to the disk (the file, then the directory after the rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let mut f = fs::File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| DataError::io(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))
+    Ok(durable::write_atomic(path, bytes)?)
 }
