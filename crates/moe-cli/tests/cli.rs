@@ -234,6 +234,44 @@ fn inspect_a_mixtral_8x7b_config_without_weights() {
     assert_eq!(i["active_params"].as_u64().unwrap(), 12_879_925_248);
 }
 
+/// A run whose `latest` names a damaged checkpoint resumes from the newest complete one and
+/// says so on stderr (before, it stopped or loaded the damaged one).
+#[test]
+fn resume_falls_back_to_the_newest_complete_checkpoint_with_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let run_s = run.display().to_string();
+    let model = tiny_model(tmp.path());
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--out",
+            &run_s,
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+        ];
+        args.extend(["--checkpoint-every", "1", "--quiet"]);
+        args.extend(extra);
+        moe(&args)
+    };
+    let o = train(&["--steps", "2", "--model-config", &model]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let step2 = run.join("checkpoints/step-0000002");
+    std::fs::remove_file(step2.join("model.bpk")).unwrap();
+    let o = train(&["--steps", "3", "--resume"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.starts_with("warning: "), "{err}");
+    assert!(err.contains("step-0000002, which is incomplete"), "{err}");
+    assert!(
+        err.contains("using") && err.contains("step-0000001"),
+        "{err}"
+    );
+    assert!(stdout(&o).contains("trained 3 steps"), "{}", stdout(&o));
+}
+
 #[test]
 fn branch_merge_fine_tune_eval() {
     let tmp = tempfile::tempdir().unwrap();

@@ -256,6 +256,19 @@ fn require_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Whether `dir` holds a whole checkpoint: a non-empty config and weights file. Cheap (no
+/// parsing); a damaged file still shows when the checkpoint is loaded.
+pub fn is_complete(dir: &Path) -> bool {
+    has_files(dir, &[CONFIG_FILE, WEIGHTS_FILE])
+}
+
+/// Whether every one of `names` is a non-empty file in `dir`.
+pub fn has_files(dir: &Path, names: &[&str]) -> bool {
+    names
+        .iter()
+        .all(|name| fs::metadata(dir.join(name)).is_ok_and(|m| m.is_file() && m.len() > 0))
+}
+
 /// Reads just the configuration of a checkpoint directory.
 pub fn load_config(dir: &Path) -> Result<ModelConfig> {
     require_dir(dir)?;
@@ -452,5 +465,17 @@ mod tests {
         assert_eq!(config("step-4"), format!(".step-4.old-{dead}-5"));
         assert_eq!(config("step-3"), "step-3");
         in_flight.commit(false).unwrap();
+    }
+
+    #[test]
+    fn complete_means_a_config_and_weights_that_are_not_empty() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        assert!(!is_complete(dir));
+        fs::write(dir.join(CONFIG_FILE), "{}").unwrap();
+        fs::write(dir.join(WEIGHTS_FILE), "").unwrap();
+        assert!(!is_complete(dir));
+        fs::write(dir.join(WEIGHTS_FILE), "w").unwrap();
+        assert!(is_complete(dir));
     }
 }
