@@ -171,6 +171,9 @@ pub struct UpcycleArgs {
     /// Relative noise added to each expert copy (0: exact copies).
     #[arg(long, default_value_t = 0.0)]
     noise: f64,
+    /// Seed of the routers and the noise: the same seed gives the same checkpoint.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// Replace an existing checkpoint at --out.
     #[arg(long)]
     overwrite: bool,
@@ -191,7 +194,7 @@ pub fn upcycle(a: UpcycleArgs) -> anyhow::Result<()> {
     let d = ckpt.model.config.d_model;
     let moe = MoeLayerConfig::new(d, ckpt.model.config.d_ff, a.experts)
         .with_router(RouterConfig::mixtral().with_top_k(a.top_k));
-    let model = up::upcycle(ckpt.model, moe, a.noise)?;
+    let model = up::upcycle(ckpt.model, moe, a.noise, a.seed)?;
     let dir = checkpoint::save(&a.out, &model, ckpt.tokenizer.as_ref(), a.overwrite)?;
     println!(
         "upcycled {} -> {} ({} experts, top-{})",

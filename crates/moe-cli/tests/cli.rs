@@ -234,6 +234,58 @@ fn inspect_a_mixtral_8x7b_config_without_weights() {
     assert_eq!(i["active_params"].as_u64().unwrap(), 12_879_925_248);
 }
 
+/// A small dense checkpoint, written through the library.
+fn dense_checkpoint(dir: &Path) -> String {
+    let model = moe_model::ModelConfig::new()
+        .with_vocab_size(258)
+        .with_d_model(32)
+        .with_n_layers(2)
+        .with_n_heads(2)
+        .with_n_kv_heads(1)
+        .with_d_ff(64)
+        .with_ffn_plan(moe_model::FfnPlan::AllDense)
+        .init_seeded(&burn::tensor::Device::flex(), 1)
+        .unwrap();
+    moe_model::checkpoint::save(dir, &model, None, false).unwrap();
+    dir.display().to_string()
+}
+
+/// Every weight of a checkpoint, in visiting order.
+fn weights(dir: &Path) -> Vec<Vec<f32>> {
+    struct Collect(Vec<Vec<f32>>);
+    impl burn::module::ModuleVisitor for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::Tensor<D>>) {
+            let data = param.val().into_data();
+            self.0.push(data.try_into_vec_as::<f32>().unwrap());
+        }
+    }
+    let ckpt = moe_model::checkpoint::load(dir, &burn::tensor::Device::flex()).unwrap();
+    let mut collect = Collect(Vec::new());
+    burn::module::Module::visit(&ckpt.model, &mut collect);
+    collect.0
+}
+
+/// `moe upcycle` draws its routers and noise from `--seed` (default 0): the same seed writes
+/// the same weights, another seed others. Before the flag, two runs drew different routers.
+/// (The files are not byte-identical: Burn gives each new parameter a random id.)
+#[test]
+fn upcycle_is_seeded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dense = dense_checkpoint(&tmp.path().join("dense"));
+    let upcycle = |name: &str, seed: Option<&str>| {
+        let out = tmp.path().join(name);
+        let mut args = vec!["upcycle", &dense, "--out", out.to_str().unwrap()];
+        args.extend(["--experts", "4", "--top-k", "2", "--noise", "0.1"]);
+        args.extend(seed.map(|s| ["--seed", s]).into_iter().flatten());
+        let o = moe(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        weights(&out)
+    };
+    let (a, b) = (upcycle("a", None), upcycle("b", Some("0")));
+    assert!(a == b, "the same seed must give the same weights");
+    assert!(a != upcycle("c", Some("1")), "another seed, other routers");
+}
+
 /// A run whose `latest` names a damaged checkpoint resumes from the newest complete one and
 /// says so on stderr (before, it stopped or loaded the damaged one).
 #[test]
