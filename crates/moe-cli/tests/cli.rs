@@ -219,6 +219,8 @@ fn bad_input_is_one_line_and_a_failure() {
     }
 }
 
+/// A Hugging Face Mixtral 8x7B config, given as the file or as its directory (which failed
+/// before: the directory was read as one of our checkpoints).
 #[test]
 fn inspect_a_mixtral_8x7b_config_without_weights() {
     let tmp = tempfile::tempdir().unwrap();
@@ -227,11 +229,16 @@ fn inspect_a_mixtral_8x7b_config_without_weights() {
         "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
         "num_experts_per_tok": 2, "rms_norm_eps": 1e-5, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
         "tie_word_embeddings": false}"#).unwrap();
-    let o = moe(&["inspect", &path.display().to_string(), "--json"]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let i: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-    assert_eq!(i["total_params"].as_u64().unwrap(), 46_702_792_704);
-    assert_eq!(i["active_params"].as_u64().unwrap(), 12_879_925_248);
+    let mut printed = Vec::new();
+    for arg in [&path, tmp.path()] {
+        let o = moe(&["inspect", &arg.display().to_string(), "--json"]);
+        assert!(o.status.success(), "{}: {}", arg.display(), stderr(&o));
+        let i: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        assert_eq!(i["total_params"].as_u64().unwrap(), 46_702_792_704);
+        assert_eq!(i["active_params"].as_u64().unwrap(), 12_879_925_248);
+        printed.push(stdout(&o));
+    }
+    assert_eq!(printed[0], printed[1]);
 }
 
 /// A small dense checkpoint, written through the library.
