@@ -9,10 +9,10 @@ use indicatif::MultiProgress;
 use moe_core::MoeLayerConfig;
 use moe_model::{ModelConfig, checkpoint};
 use moe_train::branch::{Branch, BranchJob, merge_checkpoints, save_merged, train_branches};
-use moe_train::train::resolve_checkpoint;
 use moe_train::{ByteTokenizer, Start, Tokenizer};
 
 use crate::args::{RouterKind, TrainFlags, over_defaults};
+use crate::resolve_checkpoint;
 use crate::train_cmds::{corpus, stop_flag};
 
 /// Arguments of `moe branch`.

@@ -1,6 +1,6 @@
 //! `moe inspect`: what the sparsity buys and what memory all experts need.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -11,27 +11,31 @@ use moe_model::{ModelConfig, checkpoint, hf};
 /// Arguments of `moe inspect`.
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// A checkpoint directory, our `config.json`, or a Hugging Face Mixtral `config.json`.
+    /// A checkpoint directory, a Hugging Face Mixtral directory, or either's `config.json`.
     path: PathBuf,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     json: bool,
 }
 
-fn load_config(path: &PathBuf) -> anyhow::Result<ModelConfig> {
-    if path.is_dir() {
-        return Ok(checkpoint::load_config(path)?);
-    }
+/// The configuration of a directory (its `config.json`) or of a config file: ours, or a Hugging
+/// Face one (which names its `model_type`).
+fn load_config(path: &Path) -> anyhow::Result<ModelConfig> {
     if !path.exists() {
         bail!("{}: no such file or directory", path.display());
     }
-    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{}: malformed JSON", path.display()))?;
-    if json.get("model_type").is_some() {
-        Ok(hf::config_from_hf(path)?)
+    let file = if path.is_dir() {
+        path.join(checkpoint::CONFIG_FILE)
     } else {
-        Ok(ModelConfig::load_json(path)?)
+        path.to_path_buf()
+    };
+    let text = std::fs::read_to_string(&file).with_context(|| file.display().to_string())?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: malformed JSON", file.display()))?;
+    if json.get("model_type").is_some() {
+        Ok(hf::config_from_hf(&file)?)
+    } else {
+        Ok(ModelConfig::load_json(&file)?)
     }
 }
 

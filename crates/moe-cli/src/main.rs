@@ -8,9 +8,11 @@ mod inspect;
 mod model_cmds;
 mod train_cmds;
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use moe_train::RunDir;
 
 /// Build, train, run and benchmark Mixture-of-Experts language models.
 #[derive(Parser, Debug)]
@@ -120,4 +122,25 @@ pub(crate) fn device(name: &str) -> anyhow::Result<burn::tensor::Device> {
 /// Parses a list of device names (a comma-separated flag).
 pub(crate) fn devices(names: &[String]) -> anyhow::Result<Vec<burn::tensor::Device>> {
     names.iter().map(|d| device(d)).collect()
+}
+
+/// A run's checkpoint to continue from; prints a warning when the run's `latest` pointer names a
+/// missing or incomplete checkpoint and the newest complete one is taken instead.
+pub(crate) fn latest_checkpoint(run: &RunDir) -> anyhow::Result<Option<PathBuf>> {
+    Ok(run.find_latest()?.map(|latest| {
+        if let Some(warning) = latest.warning {
+            eprintln!("warning: {warning}");
+        }
+        latest.dir
+    }))
+}
+
+/// The checkpoint a path names: a checkpoint directory itself, or a run directory's latest
+/// checkpoint (with [`latest_checkpoint`]'s warning).
+pub(crate) fn resolve_checkpoint(path: &Path) -> anyhow::Result<PathBuf> {
+    let dir = moe_train::train::resolve_checkpoint(path)?;
+    if dir != path {
+        latest_checkpoint(&RunDir::open(path)?)?;
+    }
+    Ok(dir)
 }

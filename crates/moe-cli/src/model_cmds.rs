@@ -6,7 +6,7 @@ use anyhow::bail;
 use burn::prelude::*;
 use clap::Args;
 use moe_core::{MoeLayerConfig, RouterConfig};
-use moe_model::generate::{Sampling, generate as run_generate};
+use moe_model::generate::{Sampling, check_prompt, generate as run_generate};
 use moe_model::{checkpoint, hf, upcycle as up};
 use moe_train::tokenizer::from_spec;
 
@@ -85,9 +85,12 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
 pub struct LogitsArgs {
     /// Checkpoint directory.
     checkpoint: PathBuf,
-    /// Text whose positions to score.
-    #[arg(long)]
-    prompt: String,
+    /// Text whose positions to score (through the checkpoint's tokenizer).
+    #[arg(long, required_unless_present = "ids", conflicts_with = "ids")]
+    prompt: Option<String>,
+    /// Token ids to score, comma-separated (e.g. the ids another framework's tokenizer gave).
+    #[arg(long, value_delimiter = ',')]
+    ids: Option<Vec<u32>>,
     /// Device.
     #[arg(long, default_value = "flex")]
     device: String,
@@ -97,19 +100,13 @@ pub struct LogitsArgs {
 pub fn logits(a: LogitsArgs) -> anyhow::Result<()> {
     let device = crate::device(&a.device)?;
     let ckpt = checkpoint::load(&a.checkpoint, &device)?;
-    let tokenizer = from_spec(ckpt.tokenizer.as_ref())?;
-    let tokens = tokenizer.encode(&a.prompt);
-    let config = &ckpt.model.config;
-    if tokens.is_empty() {
-        bail!("the prompt is empty");
-    }
-    if tokens.len() > config.max_seq_len {
-        bail!(
-            "the prompt has {} tokens but the model's context is {}",
-            tokens.len(),
-            config.max_seq_len
-        );
-    }
+    let tokens = match (a.ids, a.prompt) {
+        (Some(ids), _) => ids,
+        (None, Some(prompt)) => from_spec(ckpt.tokenizer.as_ref())?.encode(&prompt),
+        (None, None) => bail!("give --prompt or --ids"),
+    };
+    // Ids past the vocabulary (given, or from a tokenizer larger than the model's) are refused.
+    check_prompt(&ckpt.model.config, &tokens)?;
     let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
     let input = Tensor::<1, Int>::from_ints(ids.as_slice(), &device).reshape([1, ids.len()]);
     let out = ckpt.model.forward(input, None).logits; // [1, s, V]
@@ -174,6 +171,9 @@ pub struct UpcycleArgs {
     /// Relative noise added to each expert copy (0: exact copies).
     #[arg(long, default_value_t = 0.0)]
     noise: f64,
+    /// Seed of the routers and the noise: the same seed gives the same checkpoint.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// Replace an existing checkpoint at --out.
     #[arg(long)]
     overwrite: bool,
@@ -194,7 +194,7 @@ pub fn upcycle(a: UpcycleArgs) -> anyhow::Result<()> {
     let d = ckpt.model.config.d_model;
     let moe = MoeLayerConfig::new(d, ckpt.model.config.d_ff, a.experts)
         .with_router(RouterConfig::mixtral().with_top_k(a.top_k));
-    let model = up::upcycle(ckpt.model, moe, a.noise)?;
+    let model = up::upcycle(ckpt.model, moe, a.noise, a.seed)?;
     let dir = checkpoint::save(&a.out, &model, ckpt.tokenizer.as_ref(), a.overwrite)?;
     println!(
         "upcycled {} -> {} ({} experts, top-{})",

@@ -13,13 +13,13 @@ use moe_train::merge_info::MergeInfo;
 use moe_train::parallel::check_split;
 use moe_train::report::{samples, write_figures};
 use moe_train::run::{TrainerState, write_atomic};
-use moe_train::train::resolve_checkpoint;
 use moe_train::{
     ByteTokenizer, Corpus, Progress, RunDir, Start, Tokenizer, TrainConfig, TrainJob, TrainPart,
     evaluate, train as run_train,
 };
 
 use crate::args::{RouterKind, TrainFlags, over_defaults};
+use crate::resolve_checkpoint;
 
 /// Which parameters `--train` updates.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -171,7 +171,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     let (run, config, start, corpus, source) = if a.resume {
         let run = RunDir::open(&out)?;
         let config = train_config(&a, Some(run.read_config()?))?;
-        let Some(ckpt) = run.latest()? else {
+        let Some(ckpt) = crate::latest_checkpoint(&run)? else {
             bail!("{}: has no checkpoint to resume from", out.display());
         };
         let state = TrainerState::read(&ckpt)?;

@@ -81,6 +81,32 @@ impl Fixture {
             "llama/config.json",
             r#"{"model_type": "llama", "hidden_size": 64}"#,
         );
+        // A model whose vocabulary is smaller than the byte tokenizer's (no tokenizer.json).
+        let small_vocab = moe_model::ModelConfig::new()
+            .with_vocab_size(64)
+            .with_d_model(32)
+            .with_n_layers(1)
+            .with_n_heads(2)
+            .with_n_kv_heads(1)
+            .with_d_ff(64)
+            .with_max_seq_len(32)
+            .with_ffn_plan(moe_model::FfnPlan::AllDense)
+            .init_seeded(&burn::tensor::Device::flex(), 1)
+            .unwrap();
+        moe_model::checkpoint::save(&f.path("small-vocab"), &small_vocab, None, false).unwrap();
+        // A Hugging Face directory whose index sends a shard outside it.
+        std::fs::create_dir_all(f.path("escape")).unwrap();
+        f.write(
+            "escape/config.json",
+            r#"{"model_type": "mixtral", "vocab_size": 64, "hidden_size": 32,
+                "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                "num_key_value_heads": 1, "num_local_experts": 2, "num_experts_per_tok": 1,
+                "max_position_embeddings": 32}"#,
+        );
+        f.write(
+            "escape/model.safetensors.index.json",
+            r#"{"weight_map": {"model.embed_tokens.weight": "../ckpt/model.bpk"}}"#,
+        );
         f.write("not-json.json", "steps: 10");
         f.write("truncated.json", r#"{"steps": 10, "lr": 0.0"#);
         f.write("list.json", "[1, 2, 3]");
@@ -308,6 +334,21 @@ const CASES: &[(&str, &str, &str)] = &[
         "logits from foreign weights",
         "logits foreign --prompt hi",
         "foreign/model.bpk",
+    ),
+    (
+        "token id outside the vocabulary",
+        "logits ckpt --ids 5,999",
+        "prompt token 999 is outside the vocabulary of 258",
+    ),
+    (
+        "tokenizer larger than the model's vocabulary",
+        "logits small-vocab --prompt hi",
+        "prompt token 104 is outside the vocabulary of 64",
+    ),
+    (
+        "Hugging Face shard outside its directory",
+        "import-hf escape --out imported",
+        "shard '../ckpt/model.bpk' of 'model.embed_tokens.weight' is outside the model directory",
     ),
     (
         "export of truncated weights",

@@ -219,6 +219,8 @@ fn bad_input_is_one_line_and_a_failure() {
     }
 }
 
+/// A Hugging Face Mixtral 8x7B config, given as the file or as its directory (which failed
+/// before: the directory was read as one of our checkpoints).
 #[test]
 fn inspect_a_mixtral_8x7b_config_without_weights() {
     let tmp = tempfile::tempdir().unwrap();
@@ -227,11 +229,106 @@ fn inspect_a_mixtral_8x7b_config_without_weights() {
         "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "num_local_experts": 8,
         "num_experts_per_tok": 2, "rms_norm_eps": 1e-5, "max_position_embeddings": 32768, "rope_theta": 1000000.0,
         "tie_word_embeddings": false}"#).unwrap();
-    let o = moe(&["inspect", &path.display().to_string(), "--json"]);
+    let mut printed = Vec::new();
+    for arg in [&path, tmp.path()] {
+        let o = moe(&["inspect", &arg.display().to_string(), "--json"]);
+        assert!(o.status.success(), "{}: {}", arg.display(), stderr(&o));
+        let i: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        assert_eq!(i["total_params"].as_u64().unwrap(), 46_702_792_704);
+        assert_eq!(i["active_params"].as_u64().unwrap(), 12_879_925_248);
+        printed.push(stdout(&o));
+    }
+    assert_eq!(printed[0], printed[1]);
+}
+
+/// A small dense checkpoint, written through the library.
+fn dense_checkpoint(dir: &Path) -> String {
+    let model = moe_model::ModelConfig::new()
+        .with_vocab_size(258)
+        .with_d_model(32)
+        .with_n_layers(2)
+        .with_n_heads(2)
+        .with_n_kv_heads(1)
+        .with_d_ff(64)
+        .with_ffn_plan(moe_model::FfnPlan::AllDense)
+        .init_seeded(&burn::tensor::Device::flex(), 1)
+        .unwrap();
+    moe_model::checkpoint::save(dir, &model, None, false).unwrap();
+    dir.display().to_string()
+}
+
+/// Every weight of a checkpoint, in visiting order.
+fn weights(dir: &Path) -> Vec<Vec<f32>> {
+    struct Collect(Vec<Vec<f32>>);
+    impl burn::module::ModuleVisitor for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::Tensor<D>>) {
+            let data = param.val().into_data();
+            self.0.push(data.try_into_vec_as::<f32>().unwrap());
+        }
+    }
+    let ckpt = moe_model::checkpoint::load(dir, &burn::tensor::Device::flex()).unwrap();
+    let mut collect = Collect(Vec::new());
+    burn::module::Module::visit(&ckpt.model, &mut collect);
+    collect.0
+}
+
+/// `moe upcycle` draws its routers and noise from `--seed` (default 0): the same seed writes
+/// the same weights, another seed others. Before the flag, two runs drew different routers.
+/// (The files are not byte-identical: Burn gives each new parameter a random id.)
+#[test]
+fn upcycle_is_seeded() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dense = dense_checkpoint(&tmp.path().join("dense"));
+    let upcycle = |name: &str, seed: Option<&str>| {
+        let out = tmp.path().join(name);
+        let mut args = vec!["upcycle", &dense, "--out", out.to_str().unwrap()];
+        args.extend(["--experts", "4", "--top-k", "2", "--noise", "0.1"]);
+        args.extend(seed.map(|s| ["--seed", s]).into_iter().flatten());
+        let o = moe(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        weights(&out)
+    };
+    let (a, b) = (upcycle("a", None), upcycle("b", Some("0")));
+    assert!(a == b, "the same seed must give the same weights");
+    assert!(a != upcycle("c", Some("1")), "another seed, other routers");
+}
+
+/// A run whose `latest` names a damaged checkpoint resumes from the newest complete one and
+/// says so on stderr (before, it stopped or loaded the damaged one).
+#[test]
+fn resume_falls_back_to_the_newest_complete_checkpoint_with_a_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let run_s = run.display().to_string();
+    let model = tiny_model(tmp.path());
+    let train = |extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--out",
+            &run_s,
+            "--seq-len",
+            "16",
+            "--batch-size",
+            "2",
+        ];
+        args.extend(["--checkpoint-every", "1", "--quiet"]);
+        args.extend(extra);
+        moe(&args)
+    };
+    let o = train(&["--steps", "2", "--model-config", &model]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let i: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
-    assert_eq!(i["total_params"].as_u64().unwrap(), 46_702_792_704);
-    assert_eq!(i["active_params"].as_u64().unwrap(), 12_879_925_248);
+    let step2 = run.join("checkpoints/step-0000002");
+    std::fs::remove_file(step2.join("model.bpk")).unwrap();
+    let o = train(&["--steps", "3", "--resume"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.starts_with("warning: "), "{err}");
+    assert!(err.contains("step-0000002, which is incomplete"), "{err}");
+    assert!(
+        err.contains("using") && err.contains("step-0000001"),
+        "{err}"
+    );
+    assert!(stdout(&o).contains("trained 3 steps"), "{}", stdout(&o));
 }
 
 #[test]

@@ -4,6 +4,7 @@ use burn::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::model::{KvCache, MoeLm};
 
@@ -118,17 +119,9 @@ fn pick(logits: &[f32], sampling: &Sampling, rng: &mut StdRng) -> u32 {
     order[order.len() - 1] as u32
 }
 
-/// Continues `prompt` by up to `max_new_tokens` tokens, stopping early at `eos` or at the model's
-/// context length. Returns the new tokens only.
-pub fn generate(
-    model: &MoeLm,
-    prompt: &[u32],
-    max_new_tokens: usize,
-    sampling: &Sampling,
-    eos: Option<u32>,
-) -> Result<Vec<u32>> {
-    sampling.validate()?;
-    let config = &model.config;
+/// Checks that a model can take `prompt`: not empty, within its context, and every token id
+/// inside its vocabulary (an id past it would index outside the embedding).
+pub fn check_prompt(config: &ModelConfig, prompt: &[u32]) -> Result<()> {
     if prompt.is_empty() {
         return Err(ModelError::Generation("the prompt is empty".into()));
     }
@@ -145,6 +138,21 @@ pub fn generate(
             config.vocab_size
         )));
     }
+    Ok(())
+}
+
+/// Continues `prompt` by up to `max_new_tokens` tokens, stopping early at `eos` or at the model's
+/// context length. Returns the new tokens only.
+pub fn generate(
+    model: &MoeLm,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    sampling: &Sampling,
+    eos: Option<u32>,
+) -> Result<Vec<u32>> {
+    sampling.validate()?;
+    let config = &model.config;
+    check_prompt(config, prompt)?;
     let device = model.embed.weight.val().device();
     let budget = max_new_tokens.min(config.max_seq_len - prompt.len());
     let mut rng = StdRng::seed_from_u64(sampling.seed);
@@ -242,6 +250,26 @@ mod tests {
             assert!(err.to_string().contains("NaN logit"), "{err}");
             let all_inf = sample(&[f32::NEG_INFINITY; 3], &s, &mut rng).unwrap_err();
             assert!(all_inf.to_string().contains("no finite logit"), "{all_inf}");
+        }
+    }
+
+    #[test]
+    fn a_prompt_must_fit_the_context_and_the_vocabulary() {
+        let config = ModelConfig::new().with_vocab_size(10).with_max_seq_len(3);
+        assert!(check_prompt(&config, &[0, 9]).is_ok());
+        for (prompt, problem) in [
+            (&[][..], "the prompt is empty"),
+            (
+                &[1, 2, 3, 4][..],
+                "the prompt has 4 tokens but the model's context is 3",
+            ),
+            (
+                &[1, 10][..],
+                "prompt token 10 is outside the vocabulary of 10",
+            ),
+        ] {
+            let err = check_prompt(&config, prompt).unwrap_err().to_string();
+            assert_eq!(err, problem);
         }
     }
 

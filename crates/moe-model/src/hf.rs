@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use burn::module::Param;
 use burn::prelude::*;
@@ -90,6 +90,13 @@ pub fn config_from_hf(path: &Path) -> Result<ModelConfig> {
     Ok(config)
 }
 
+/// Whether a shard name from an index file is a plain relative path that stays inside the model
+/// directory: only normal components (no `..`, `.`, root or drive prefix), not empty.
+fn stays_inside(file: &str) -> bool {
+    let path = Path::new(file);
+    !file.is_empty() && path.components().all(|c| matches!(c, Component::Normal(_)))
+}
+
 /// The tensors of a safetensors checkpoint, possibly sharded, read file by file.
 struct HfTensors {
     /// Tensor name -> file holding it.
@@ -120,6 +127,15 @@ impl HfTensors {
                         format!("shard of '{name}' is not a file name"),
                     )
                 })?;
+                if !stays_inside(file) {
+                    return Err(ModelError::checkpoint(
+                        &sharded,
+                        format!(
+                            "shard '{file}' of '{name}' is outside the model directory; \
+                             shards must be relative paths inside it"
+                        ),
+                    ));
+                }
                 index.insert(name.clone(), dir.join(file));
             }
         } else if single.exists() {
@@ -299,4 +315,50 @@ pub fn import(dir: &Path, device: &Device) -> Result<MoeLm> {
         head.weight = st.linear("lm_head.weight", d, v, device)?;
     }
     Ok(model)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An index whose shard names leave the directory is refused before any shard is read.
+    #[test]
+    fn shards_outside_the_directory_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = if cfg!(windows) {
+            "C:\\x.safetensors"
+        } else {
+            "/etc/passwd"
+        };
+        for file in [
+            "../secret.safetensors",
+            "a/../../b.safetensors",
+            outside,
+            "",
+            "./",
+        ] {
+            let index = serde_json::json!({"weight_map": {"model.norm.weight": file}});
+            fs::write(
+                tmp.path().join("model.safetensors.index.json"),
+                index.to_string(),
+            )
+            .unwrap();
+            let err = HfTensors::open(tmp.path()).err().expect(file).to_string();
+            assert!(err.contains("outside the model directory"), "{file}: {err}");
+            assert_eq!(err.lines().count(), 1);
+        }
+        for file in [
+            "model-00001-of-00002.safetensors",
+            "shards/model-1.safetensors",
+        ] {
+            let index = serde_json::json!({"weight_map": {"model.norm.weight": file}});
+            fs::write(
+                tmp.path().join("model.safetensors.index.json"),
+                index.to_string(),
+            )
+            .unwrap();
+            let st = HfTensors::open(tmp.path()).unwrap();
+            assert_eq!(st.index["model.norm.weight"], tmp.path().join(file));
+        }
+    }
 }

@@ -23,6 +23,7 @@ pub mod attention;
 pub mod block;
 pub mod checkpoint;
 pub mod config;
+pub mod durable;
 pub mod error;
 pub mod generate;
 pub mod hf;

@@ -11,7 +11,7 @@ use moe_core::{Experts, MoeLayer, MoeLayerConfig, SwiGluFfn};
 use crate::block::Ffn;
 use crate::config::FfnPlan;
 use crate::error::{ModelError, Result};
-use crate::model::MoeLm;
+use crate::model::{MoeLm, init_seeded};
 
 /// Stacks E copies of a dense SwiGLU into an expert bank; `noise` > 0 perturbs each copy by a
 /// relative Gaussian `w * (1 + noise * N(0, 1))` so the experts can diverge.
@@ -37,8 +37,9 @@ pub fn replicate(ffn: &SwiGluFfn, n_experts: usize, noise: f64) -> Experts {
 
 /// Turns every dense FFN layer of `dense` into an MoE layer. `moe` gives the number of experts
 /// and the routing; its widths are taken from the dense model. Shared experts are not supported
-/// (they would change the output).
-pub fn upcycle(dense: MoeLm, moe: MoeLayerConfig, noise: f64) -> Result<MoeLm> {
+/// (they would change the output). The routers and the noise are drawn from `seed`: the same
+/// dense model, config and seed give the same weights.
+pub fn upcycle(dense: MoeLm, moe: MoeLayerConfig, noise: f64, seed: u64) -> Result<MoeLm> {
     if moe.n_shared_experts > 0 {
         return Err(ModelError::Config(
             "upcycling copies the dense FFN into routed experts; n_shared_experts must be 0".into(),
@@ -60,17 +61,24 @@ pub fn upcycle(dense: MoeLm, moe: MoeLayerConfig, noise: f64) -> Result<MoeLm> {
     config.validate()?;
     let device = dense.embed.weight.val().device();
     let mut model = dense;
-    for block in &mut model.blocks {
-        if let Ffn::Dense(ffn) = &block.ffn {
-            let layer = MoeLayer {
-                router: moe.router.init(moe.d_model, moe.n_experts, &device),
-                experts: replicate(ffn, moe.n_experts, noise),
-                shared: None,
-                capacity_factor: moe.capacity_factor,
-                compute: moe.compute,
-            };
-            block.ffn = Ffn::Moe(layer);
-        }
+    let layers = init_seeded(&device, seed, || {
+        Ok(model
+            .blocks
+            .iter()
+            .filter_map(|block| match &block.ffn {
+                Ffn::Dense(ffn) => Some(MoeLayer {
+                    router: moe.router.init(moe.d_model, moe.n_experts, &device),
+                    experts: replicate(ffn, moe.n_experts, noise),
+                    shared: None,
+                    capacity_factor: moe.capacity_factor,
+                    compute: moe.compute,
+                }),
+                Ffn::Moe(_) => None,
+            })
+            .collect::<Vec<_>>())
+    })?;
+    for (block, layer) in model.blocks.iter_mut().zip(layers) {
+        block.ffn = Ffn::Moe(layer);
     }
     model.config = config;
     Ok(model)

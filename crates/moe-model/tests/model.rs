@@ -107,6 +107,7 @@ fn upcycled_model_equals_the_dense_one(#[values("flex", "ndarray", "wgpu")] back
         dense,
         MoeLayerConfig::new(32, 48, 4).with_router(RouterConfig::mixtral()),
         0.0,
+        0,
     )
     .unwrap();
     assert_eq!(moe.config.n_moe_layers(), 2);
@@ -123,7 +124,7 @@ fn upcycling_with_noise_changes_experts_but_keeps_the_rest() {
         .init(&device)
         .unwrap();
     let embed = values(dense.embed.weight.val());
-    let moe = upcycle::upcycle(dense, MoeLayerConfig::new(32, 48, 4), 0.05).unwrap();
+    let moe = upcycle::upcycle(dense, MoeLayerConfig::new(32, 48, 4), 0.05, 0).unwrap();
     assert_eq!(values(moe.embed.weight.val()), embed);
     let moe_core_layer = match &moe.blocks[0].ffn {
         moe_model::block::Ffn::Moe(m) => m,
@@ -132,6 +133,36 @@ fn upcycling_with_noise_changes_experts_but_keeps_the_rest() {
     let w = moe_core_layer.experts.w_up.val();
     let (a, b) = (values(w.clone().slice(0..1)), values(w.slice(1..2)));
     assert_ne!(a, b, "noise should make the copies differ");
+}
+
+/// Upcycling draws its routers and its noise from the seed: the same seed gives the same model,
+/// another seed other routers (before the seed, each call drew from the device's generator as it
+/// stood, so two upcycles of one model differed).
+#[rstest]
+fn upcycling_is_seeded(#[values("flex", "ndarray", "wgpu")] backend: &str) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    let dense = small_config()
+        .with_ffn_plan(FfnPlan::AllDense)
+        .init_seeded(&device, 3)
+        .unwrap();
+    let up = |seed| {
+        let moe = upcycle::upcycle(dense.clone(), MoeLayerConfig::new(32, 48, 4), 0.05, seed);
+        let mut all = Vec::new();
+        for block in &moe.unwrap().blocks {
+            let moe_model::block::Ffn::Moe(l) = &block.ffn else {
+                panic!("MoE expected");
+            };
+            all.push(values(l.router.gate.weight.val()));
+            all.push(values(l.experts.w_up.val()));
+        }
+        all
+    };
+    let (a, b, c) = (up(5), up(5), up(6));
+    assert_eq!(a, b, "same seed, same weights");
+    assert_ne!(a[0], c[0], "another seed, another router");
+    assert_ne!(a[1], c[1], "another seed, other noise");
 }
 
 /// Fresh routers replace every MoE layer's router, reproducibly from the seed, and nothing else.
@@ -185,7 +216,7 @@ fn merging_identical_branches_equals_upcycling(#[values("flex", "ndarray", "wgpu
     let branch = || dense_config.init_seeded(&device, 7).unwrap();
     let ids = [1, 5, 9, 13, 17, 21];
     let routing = MoeLayerConfig::new(32, 48, 3).with_router(RouterConfig::mixtral());
-    let upcycled = upcycle::upcycle(branch(), routing.clone(), 0.0).unwrap();
+    let upcycled = upcycle::upcycle(branch(), routing.clone(), 0.0, 1).unwrap();
     let merged = merge::merge(vec![branch(), branch(), branch()], routing, 1).unwrap();
     assert_eq!(merged.config, upcycled.config);
     assert_close(

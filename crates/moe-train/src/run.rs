@@ -6,6 +6,7 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use moe_model::{checkpoint, durable};
 use serde::{Deserialize, Serialize};
 
 use crate::config::TrainConfig;
@@ -38,6 +39,15 @@ impl TrainerState {
 pub const TRAIN_CONFIG_FILE: &str = "train.json";
 /// The optimizer state file in a checkpoint.
 pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
+
+/// The checkpoint a run continues from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Latest {
+    /// The checkpoint directory.
+    pub dir: PathBuf,
+    /// Why it is not the checkpoint the `latest` pointer names, when it is not: for the user.
+    pub warning: Option<String>,
+}
 
 /// A run directory.
 #[derive(Debug, Clone)]
@@ -144,32 +154,60 @@ impl RunDir {
             .join(format!("step-{step:07}"))
     }
 
-    /// The newest complete checkpoint, if any.
+    /// The checkpoint to continue from, if any: the one `latest` names, or the newest complete
+    /// one when `latest` names a missing or incomplete checkpoint (or is itself missing while
+    /// checkpoints exist). The caller tells the user about a fallback; see [`Self::find_latest`].
     pub fn latest(&self) -> Result<Option<PathBuf>> {
+        Ok(self.find_latest()?.map(|l| l.dir))
+    }
+
+    /// [`Self::latest`], with a warning when it is not the checkpoint `latest` names.
+    pub fn find_latest(&self) -> Result<Option<Latest>> {
         let pointer = self.path.join("latest");
-        match fs::read_to_string(&pointer) {
-            Ok(rel) => {
-                let dir = self.path.join(rel.trim());
-                if !dir.is_dir() {
-                    return Err(DataError::run(
-                        &pointer,
-                        format!("points to {}, which is missing", dir.display()),
-                    ));
-                }
-                Ok(Some(dir))
+        let named = match fs::read_to_string(&pointer) {
+            Ok(rel) => Some(self.path.join(rel.trim())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(DataError::io(pointer, e)),
+        };
+        let problem = match &named {
+            Some(dir) if is_complete(dir) => {
+                return Ok(Some(Latest {
+                    dir: dir.clone(),
+                    warning: None,
+                }));
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(DataError::io(pointer, e)),
+            Some(dir) if dir.is_dir() => {
+                format!("points to {}, which is incomplete", dir.display())
+            }
+            Some(dir) => format!("points to {}, which is missing", dir.display()),
+            None => "is missing".to_string(),
+        };
+        match (self.newest_complete()?, named) {
+            (Some(dir), _) => Ok(Some(Latest {
+                warning: Some(format!(
+                    "{}: {problem}; using {}, the newest complete checkpoint",
+                    pointer.display(),
+                    dir.display()
+                )),
+                dir,
+            })),
+            (None, None) => Ok(None),
+            (None, Some(_)) => Err(DataError::run(
+                &pointer,
+                format!("{problem}, and no complete checkpoint is left"),
+            )),
         }
     }
 
-    /// Points `latest` at a committed checkpoint and removes all but the newest `keep`.
-    pub fn set_latest(&self, checkpoint: &Path, keep: usize) -> Result<()> {
-        let rel = checkpoint.strip_prefix(&self.path).unwrap_or(checkpoint);
-        write_atomic(&self.path.join("latest"), rel.to_string_lossy().as_bytes())?;
+    /// The checkpoint directories (`checkpoints/step-*`), oldest first.
+    fn checkpoints(&self) -> Result<Vec<PathBuf>> {
         let dir = self.path.join("checkpoints");
-        let mut steps: Vec<PathBuf> = fs::read_dir(&dir)
-            .map_err(|e| DataError::io(&dir, e))?
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(DataError::io(&dir, e)),
+        };
+        let mut steps: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
                 p.file_name()
@@ -177,6 +215,23 @@ impl RunDir {
             })
             .collect();
         steps.sort();
+        Ok(steps)
+    }
+
+    /// The newest checkpoint that [`is_complete`].
+    fn newest_complete(&self) -> Result<Option<PathBuf>> {
+        Ok(self
+            .checkpoints()?
+            .into_iter()
+            .rev()
+            .find(|d| is_complete(d)))
+    }
+
+    /// Points `latest` at a committed checkpoint and removes all but the newest `keep`.
+    pub fn set_latest(&self, checkpoint: &Path, keep: usize) -> Result<()> {
+        let rel = checkpoint.strip_prefix(&self.path).unwrap_or(checkpoint);
+        write_atomic(&self.path.join("latest"), rel.to_string_lossy().as_bytes())?;
+        let steps = self.checkpoints()?;
         for old in steps.iter().rev().skip(keep) {
             if old != checkpoint {
                 fs::remove_dir_all(old).map_err(|e| DataError::io(old, e))?;
@@ -223,12 +278,82 @@ impl RunDir {
     }
 }
 
-/// Writes a file by writing a temporary sibling and renaming it over the target.
+/// Writes a file by writing a temporary sibling (`NAME.tmp-PID`) and renaming it over the target,
+/// synced to the disk (the file, then the directory after the rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let mut f = fs::File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
-    f.write_all(bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| DataError::io(&tmp, e))?;
-    fs::rename(&tmp, path).map_err(|e| DataError::io(path, e))
+    Ok(durable::write_atomic(path, bytes)?)
+}
+
+/// Whether a run's checkpoint is whole: model, trainer state and optimizer state.
+fn is_complete(dir: &Path) -> bool {
+    checkpoint::is_complete(dir) && checkpoint::has_files(dir, &[STATE_FILE, OPTIMIZER_FILE])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run with checkpoints at `steps`, the complete ones marked `true`.
+    fn run_with(steps: &[(usize, bool)]) -> (tempfile::TempDir, RunDir) {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = RunDir::create(&tmp.path().join("run"), false).unwrap();
+        for &(step, complete) in steps {
+            let dir = run.checkpoint_dir(step);
+            fs::create_dir_all(&dir).unwrap();
+            let files = [
+                checkpoint::CONFIG_FILE,
+                checkpoint::WEIGHTS_FILE,
+                STATE_FILE,
+            ];
+            for name in files.iter().chain(complete.then_some(&OPTIMIZER_FILE)) {
+                fs::write(dir.join(name), "x").unwrap();
+            }
+        }
+        (tmp, run)
+    }
+
+    fn point_at(run: &RunDir, step: usize) {
+        let rel = run.checkpoint_dir(step);
+        let rel = rel.strip_prefix(&run.path).unwrap();
+        write_atomic(&run.path.join("latest"), rel.to_string_lossy().as_bytes()).unwrap();
+    }
+
+    #[test]
+    fn latest_names_a_complete_checkpoint() {
+        let (_tmp, run) = run_with(&[(1, true), (2, true)]);
+        point_at(&run, 1);
+        let latest = run.find_latest().unwrap().unwrap();
+        assert_eq!(latest.dir, run.checkpoint_dir(1));
+        assert_eq!(latest.warning, None);
+    }
+
+    #[test]
+    fn a_missing_checkpoint_falls_back_to_the_newest_complete_one_with_a_warning() {
+        let (_tmp, run) = run_with(&[(1, true), (2, true), (3, false)]);
+        for (named, problem) in [(4, "which is missing"), (3, "which is incomplete")] {
+            point_at(&run, named);
+            let latest = run.find_latest().unwrap().unwrap();
+            assert_eq!(latest.dir, run.checkpoint_dir(2));
+            let warning = latest.warning.unwrap();
+            assert!(warning.contains(problem), "{warning}");
+            assert!(warning.contains("step-0000002"), "{warning}");
+            assert_eq!(run.latest().unwrap(), Some(run.checkpoint_dir(2)));
+        }
+    }
+
+    #[test]
+    fn a_missing_pointer_falls_back_too_and_nothing_to_fall_back_to_is_an_error() {
+        let (_tmp, run) = run_with(&[(1, true)]);
+        let latest = run.find_latest().unwrap().unwrap();
+        assert_eq!(latest.dir, run.checkpoint_dir(1));
+        assert!(latest.warning.unwrap().contains("latest: is missing"));
+        let (_tmp, empty) = run_with(&[(1, false)]);
+        assert!(
+            empty.find_latest().unwrap().is_none(),
+            "a run with no checkpoint yet"
+        );
+        point_at(&empty, 1);
+        let err = empty.find_latest().unwrap_err().to_string();
+        assert!(err.contains("no complete checkpoint is left"), "{err}");
+    }
 }
