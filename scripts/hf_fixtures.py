@@ -5,7 +5,7 @@ Run by hand (not in CI), with transformers 5 and torch installed:
 
     python3 scripts/hf_fixtures.py [OUT_DIR]
 
-For each family (Mixtral) it builds a tiny random model with transformers (hidden 64, 2-4 layers, 4-8
+For each family it builds a tiny random model with transformers (hidden 64, 2-4 layers, 4-8
 experts, vocabulary 256), perturbs every norm weight and bias so that a missing term shows,
 saves it with save_pretrained (float32), and writes `reference.json` next to it: the prompt,
 the logits of the prompt and 24 greedy tokens (`eos_token_id=None`), and the smallest gap
@@ -26,8 +26,16 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import (
+    GraniteMoeConfig,
+    GraniteMoeForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,6 +71,68 @@ FAMILIES = {
             sliding_window=None,
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         ),
+    ),
+    # q/k norm over the whole projection; no top-k renormalisation.
+    "olmoe": (
+        OlmoeForCausalLM,
+        OlmoeConfig(
+            **COMMON,
+            num_hidden_layers=2,
+            intermediate_size=16,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+        ),
+    ),
+    # Per-head q/k norm, renormalised top-k, MoE every second layer, head_dim 12, k = 3.
+    "qwen3_moe": (
+        Qwen3MoeForCausalLM,
+        Qwen3MoeConfig(
+            **COMMON,
+            num_hidden_layers=4,
+            head_dim=12,
+            intermediate_size=32,
+            moe_intermediate_size=16,
+            num_experts=8,
+            num_experts_per_tok=3,
+            norm_topk_prob=True,
+            decoder_sparse_step=2,
+            mlp_only_layers=[],
+            use_sliding_window=False,
+        ),
+    ),
+    # q/k/v biases, gated shared expert, no renormalisation, a dense layer among MoE ones.
+    "qwen2_moe": (
+        Qwen2MoeForCausalLM,
+        Qwen2MoeConfig(
+            **COMMON,
+            num_hidden_layers=3,
+            intermediate_size=32,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_experts=6,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            decoder_sparse_step=1,
+            mlp_only_layers=[1],
+            use_sliding_window=False,
+        ),
+    ),
+    # Embedding, residual, attention and logits multipliers.
+    "granitemoe": (
+        GraniteMoeForCausalLM,
+        GraniteMoeConfig(
+            **COMMON,
+            num_hidden_layers=2,
+            intermediate_size=32,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            embedding_multiplier=3.0,
+            residual_multiplier=0.6,
+            attention_multiplier=0.2,
+            logits_scaling=2.5,
+        ),
+        {"tie_word_embeddings": True},
     ),
 }
 

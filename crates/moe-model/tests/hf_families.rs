@@ -45,7 +45,15 @@ fn max_logit_diff(model: &moe_model::MoeLm, prompt: &[u32], expected: &[Vec<f32>
 
 #[rstest]
 fn imports_match_transformers(
-    #[values("mixtral", "mixtral-fused")] family: &str,
+    #[values(
+        "mixtral",
+        "mixtral-fused",
+        "olmoe",
+        "qwen3_moe",
+        "qwen2_moe",
+        "granitemoe"
+    )]
+    family: &str,
     #[values("flex", "ndarray", "wgpu")] backend: &str,
 ) {
     let Some(device) = test_device(backend) else {
@@ -72,7 +80,7 @@ fn imports_match_transformers(
 #[test]
 fn imported_families_round_trip_through_checkpoints() {
     let device = Device::flex();
-    for family in ["mixtral", "mixtral-fused"] {
+    for family in ["qwen2_moe", "qwen3_moe", "olmoe", "granitemoe"] {
         let dir = fixture(family);
         let (prompt, logits, _) = reference(&dir);
         let model = hf::import(&dir, &device).unwrap();
@@ -89,7 +97,7 @@ fn imported_families_round_trip_through_checkpoints() {
 /// line that names the key.
 #[test]
 fn unimplemented_settings_are_refused_by_name() {
-    let cases: [(&str, &str, Value, &str); 8] = [
+    let cases: [(&str, &str, Value, &str); 10] = [
         ("mixtral", "hidden_act", "gelu".into(), "hidden_act"),
         (
             "mixtral",
@@ -104,9 +112,16 @@ fn unimplemented_settings_are_refused_by_name() {
             "rope_type",
         ),
         ("mixtral", "sliding_window", 64.into(), "sliding_window"),
-        ("mixtral", "attention_bias", true.into(), "attention_bias"),
-        ("mixtral", "mlp_bias", true.into(), "mlp_bias"),
-        ("mixtral", "model_type", "deepseek_v3".into(), "MLA"),
+        ("olmoe", "attention_bias", true.into(), "attention_bias"),
+        ("olmoe", "clip_qkv", 8.0.into(), "clip_qkv"),
+        ("qwen3_moe", "mlp_bias", true.into(), "mlp_bias"),
+        (
+            "qwen3_moe",
+            "use_sliding_window",
+            true.into(),
+            "sliding_window",
+        ),
+        ("granitemoe", "model_type", "deepseek_v3".into(), "MLA"),
         ("mixtral", "model_type", "llama".into(), "llama"),
     ];
     for (family, key, value, expected) in cases {

@@ -98,6 +98,16 @@ impl HfConfig {
         }
     }
 
+    pub(super) fn ints(&self, key: &str) -> Result<Vec<usize>> {
+        match self.get(key) {
+            None => Ok(Vec::new()),
+            Some(v) => v
+                .as_array()
+                .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
+                .ok_or_else(|| self.error(format!("'{key}' is {v}, expected a list of integers"))),
+        }
+    }
+
     /// The one-line refusal of a setting this import does not implement.
     pub(super) fn refuse(&self, key: &str, what: &str) -> ModelError {
         let value = self.json.get(key).map_or("?".into(), Value::to_string);
@@ -191,6 +201,21 @@ impl HfConfig {
             .with_max_seq_len(max_seq_len)
             .with_tie_embeddings(self.bool("tie_word_embeddings", false)?)
             .with_ffn_plan(FfnPlan::AllMoe))
+    }
+
+    /// The Qwen placement of MoE layers: layer i is MoE when `(i + 1) % decoder_sparse_step == 0`
+    /// and i is not in `mlp_only_layers`.
+    pub(super) fn qwen_layers(&self, config: ModelConfig) -> Result<ModelConfig> {
+        let step = self.opt_int("decoder_sparse_step")?.unwrap_or(1);
+        let plan = match step {
+            0 => return Err(self.refuse("decoder_sparse_step", "a step of 0")),
+            1 => FfnPlan::AllMoe,
+            n => FfnPlan::EveryNth { n },
+        };
+        let dense = self.ints("mlp_only_layers")?;
+        Ok(config
+            .with_ffn_plan(plan)
+            .with_dense_layers((!dense.is_empty()).then_some(dense)))
     }
 
     /// Validates a finished config, naming this file on failure.

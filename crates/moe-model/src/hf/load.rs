@@ -18,6 +18,31 @@ pub(super) fn moe_of(block: &mut Block) -> &mut MoeLayer {
     }
 }
 
+/// The MoE block of OLMoE and the Qwen families: router `mlp.gate`, experts
+/// `mlp.experts.N.{gate,up,down}_proj` or transformers 5's fused `mlp.experts.gate_up_proj` /
+/// `down_proj`.
+pub(super) fn load_qwen_style_moe(
+    st: &mut HfTensors,
+    prefix: &str,
+    block: &mut Block,
+) -> Result<()> {
+    let m = format!("{prefix}.mlp");
+    let experts = format!("{m}.experts");
+    let layout = if st.has(&format!("{experts}.gate_up_proj")) {
+        ExpertLayout::Stacked {
+            gate_up: "gate_up_proj",
+            down: "down_proj",
+        }
+    } else {
+        ExpertLayout::PerExpert {
+            gate: "gate_proj",
+            up: "up_proj",
+            down: "down_proj",
+        }
+    };
+    st.load_moe(&format!("{m}.gate"), &experts, layout, moe_of(block))
+}
+
 /// Where a family stores its routed experts.
 pub(super) enum ExpertLayout<'a> {
     /// One linear `[out, in]` per expert and projection:

@@ -1,8 +1,8 @@
 //! Import of Hugging Face MoE checkpoints: a directory with `config.json` and `model.safetensors`
 //! or a sharded `model.safetensors.index.json`.
 //!
-//! The `model_type` in `config.json` picks a family, one file each (`mixtral`; `deepseek_v3` is
-//! refused). A family reads its config
+//! The `model_type` in `config.json` picks a family, one file each (`mixtral`, `olmoe`,
+//! `qwen2_moe`, `qwen3_moe`, `granitemoe`; `deepseek_v3` is refused). A family reads its config
 //! into our [`ModelConfig`], whose fields switch the numerics it needs (q/k norms, biases,
 //! multipliers, a shared expert, renormalised top-k or not), and refuses with a one-line error
 //! naming the key any setting that would change the numerics and is not implemented. The
@@ -14,8 +14,12 @@
 
 mod config;
 mod deepseek_v3;
+mod granitemoe;
 mod load;
 mod mixtral;
+mod olmoe;
+mod qwen2_moe;
+mod qwen3_moe;
 
 use std::collections::HashMap;
 use std::fs;
@@ -27,7 +31,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
 use self::config::HfConfig;
-use self::load::{ExpertLayout, moe_of};
+use self::load::{ExpertLayout, load_qwen_style_moe, moe_of};
 use crate::block::{Block, Ffn};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
@@ -46,6 +50,10 @@ trait Family: Sync {
 /// The families, by `model_type`.
 const FAMILIES: &[(&str, &dyn Family)] = &[
     ("mixtral", &mixtral::Mixtral),
+    ("olmoe", &olmoe::Olmoe),
+    ("qwen2_moe", &qwen2_moe::Qwen2Moe),
+    ("qwen3_moe", &qwen3_moe::Qwen3Moe),
+    ("granitemoe", &granitemoe::GraniteMoe),
     ("deepseek_v3", &deepseek_v3::DeepseekV3),
 ];
 
