@@ -4,7 +4,7 @@
 use moe_core::Accounting;
 use serde::Serialize;
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, QkNorm};
 
 /// One block's share.
 #[derive(Debug, Clone, Serialize)]
@@ -44,7 +44,21 @@ impl ModelConfig {
     /// Accounts for every parameter of the model this config builds.
     pub fn accounting(&self) -> ModelAccounting {
         let (d, hd) = (self.d_model, self.head_dim());
-        let attention = dense_part(d * hd * (2 * self.n_heads + 2 * self.n_kv_heads), 2 * d);
+        let (q, kv) = (self.n_heads * hd, self.n_kv_heads * hd);
+        let biases = if self.has_qkv_bias() { q + 2 * kv } else { 0 };
+        let qk_norms = match self.qk_norm {
+            None => 0,
+            Some(QkNorm::PerHead) => 2 * hd,
+            Some(QkNorm::Full) => q + kv,
+        };
+        let attention = dense_part(d * (2 * q + 2 * kv), 2 * d + biases + qk_norms);
+        let shared = self
+            .shared_expert
+            .as_ref()
+            .map_or(Accounting::default(), |s| {
+                let gate = if s.gated { d } else { 0 };
+                dense_part(3 * d * s.d_ff + gate, 0)
+            });
         let layers: Vec<LayerAccounting> = (0..self.n_layers)
             .map(|i| {
                 let moe = self.is_moe(i);
@@ -53,7 +67,7 @@ impl ModelConfig {
                     kind: if moe { "moe" } else { "dense" },
                     attention,
                     ffn: if moe {
-                        self.moe.accounting()
+                        self.moe.accounting() + shared
                     } else {
                         dense_part(3 * d * self.d_ff, 0)
                     },
@@ -84,6 +98,7 @@ impl ModelConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::SharedExpertConfig;
     use burn::module::Module;
     use moe_core::{MoeLayerConfig, RouterConfig};
 
@@ -101,6 +116,14 @@ mod tests {
                     .with_n_shared_experts(1)
                     .with_router(RouterConfig::deepseek_v3(4)),
             ),
+            ModelConfig::new()
+                .with_qkv_bias(Some(true))
+                .with_qk_norm(Some(QkNorm::Full))
+                .with_dense_layers(Some(vec![0]))
+                .with_shared_expert(Some(SharedExpertConfig::new(96))),
+            ModelConfig::new()
+                .with_qk_norm(Some(QkNorm::PerHead))
+                .with_shared_expert(Some(SharedExpertConfig::new(96).with_gated(false))),
         ] {
             let model = config.init(&device).unwrap();
             assert_eq!(config.accounting().total.total_params, model.num_params());

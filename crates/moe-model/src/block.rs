@@ -1,7 +1,8 @@
 //! A pre-norm transformer block: `x + attn(norm(x))`, then `x + ffn(norm(x))`.
 
-use burn::nn::{RmsNorm, RmsNormConfig};
+use burn::nn::{Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
+use burn::tensor::activation::sigmoid;
 use moe_core::{AuxLosses, MoeLayer, RoutingStats, SwiGluFfn, SwiGluFfnConfig};
 
 use crate::attention::{Attention, LayerCache};
@@ -27,6 +28,26 @@ pub struct MoeReport {
     pub stats: RoutingStats,
 }
 
+/// A dense expert beside the routed ones, optionally gated per token (Qwen2-MoE's shared
+/// expert): `sigmoid(x w_gate) * ffn(x)`.
+#[derive(Module, Debug)]
+pub struct SharedExpert {
+    /// The expert.
+    pub ffn: SwiGluFfn,
+    /// Gate `[d_model, 1]`.
+    pub gate: Option<Linear>,
+}
+
+impl SharedExpert {
+    /// x: `[batch, seq, d_model]` -> `[batch, seq, d_model]`
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        match &self.gate {
+            Some(gate) => self.ffn.forward(x.clone()) * sigmoid(gate.forward(x)),
+            None => self.ffn.forward(x),
+        }
+    }
+}
+
 /// One transformer block.
 #[derive(Module, Debug)]
 pub struct Block {
@@ -38,6 +59,11 @@ pub struct Block {
     pub ffn_norm: RmsNorm,
     /// Dense or MoE feed-forward block.
     pub ffn: Ffn,
+    /// A shared expert added to an MoE block's output.
+    pub shared_expert: Option<SharedExpert>,
+    /// Factor on the attention and feed-forward outputs before they join the residual stream.
+    #[module(skip)]
+    pub residual_multiplier: Option<f64>,
 }
 
 impl Block {
@@ -48,22 +74,39 @@ impl Block {
                 .with_epsilon(config.rms_eps)
                 .init(device)
         };
-        let ffn = if config.is_moe(layer) {
+        let moe = config.is_moe(layer);
+        let ffn = if moe {
             Ffn::Moe(config.moe.init(device))
         } else {
             Ffn::Dense(SwiGluFfnConfig::new(config.d_model, config.d_ff).init(device))
         };
+        let shared_expert = config
+            .shared_expert
+            .as_ref()
+            .filter(|_| moe)
+            .map(|s| SharedExpert {
+                ffn: SwiGluFfnConfig::new(config.d_model, s.d_ff).init(device),
+                gate: s.gated.then(|| {
+                    LinearConfig::new(config.d_model, 1)
+                        .with_bias(false)
+                        .init(device)
+                }),
+            });
         Self {
             attn_norm: norm(),
-            attn: Attention::new(
-                config.d_model,
-                config.n_heads,
-                config.n_kv_heads,
-                config.head_dim(),
-                device,
-            ),
+            attn: Attention::new(config, device),
             ffn_norm: norm(),
             ffn,
+            shared_expert,
+            residual_multiplier: config.residual_multiplier,
+        }
+    }
+
+    /// A branch's output as it joins the residual stream.
+    fn scaled(&self, t: Tensor<3>) -> Tensor<3> {
+        match self.residual_multiplier {
+            Some(m) => t.mul_scalar(m),
+            None => t,
         }
     }
 
@@ -85,10 +128,10 @@ impl Block {
             cache,
             mask.clone(),
         );
-        let x = x + attn;
+        let x = x + self.scaled(attn);
         let h = self.ffn_norm.forward(x.clone());
         match &self.ffn {
-            Ffn::Dense(ffn) => (x + ffn.forward(h), cache, None),
+            Ffn::Dense(ffn) => (x + self.scaled(ffn.forward(h)), cache, None),
             Ffn::Moe(moe) => {
                 let [b, s, _] = h.dims();
                 // The FFN sees only the new positions: the last `s` columns of the mask.
@@ -96,12 +139,16 @@ impl Block {
                     let total = m.dims()[1];
                     m.slice([0..b, total - s..total])
                 });
-                let out = moe.forward(h, token_mask);
+                let out = moe.forward(h.clone(), token_mask);
                 let report = MoeReport {
                     aux: out.aux,
                     stats: out.stats,
                 };
-                (x + out.output, cache, Some(report))
+                let y = match &self.shared_expert {
+                    Some(shared) => out.output + shared.forward(h),
+                    None => out.output,
+                };
+                (x + self.scaled(y), cache, Some(report))
             }
         }
     }

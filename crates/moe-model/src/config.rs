@@ -38,7 +38,32 @@ impl FfnPlan {
     }
 }
 
+/// Where the RMSNorm on queries and keys applies (before RoPE).
+#[derive(Config, Debug, PartialEq, Eq, Copy)]
+pub enum QkNorm {
+    /// Per head, over `head_dim`, with one gain vector shared by the heads (Qwen3-MoE).
+    PerHead,
+    /// Over the whole projection: `n_heads * head_dim` for queries, `n_kv_heads * head_dim` for
+    /// keys (OLMoE).
+    Full,
+}
+
+/// A dense SwiGLU expert beside the routed ones, of its own width, optionally scaled per token by
+/// `sigmoid(x w)` (Qwen2-MoE). Unlike `moe.n_shared_experts` its width need not be a multiple
+/// of the routed experts' width.
+#[derive(Config, Debug, PartialEq)]
+pub struct SharedExpertConfig {
+    /// Hidden width.
+    pub d_ff: usize,
+    /// Scale the output by `sigmoid(x w)`, with `w: [d_model, 1]`. Default: true.
+    #[config(default = true)]
+    pub gated: bool,
+}
+
 /// A decoder-only transformer language model with dense or MoE feed-forward blocks.
+///
+/// The `Option` fields after `moe` select variants of the numerics that imported model families
+/// use; `None` (also what an older `config.json` without them reads as) is the plain model.
 #[derive(Config, Debug, PartialEq)]
 pub struct ModelConfig {
     /// Vocabulary size. Default: 256 (byte-level).
@@ -81,6 +106,31 @@ pub struct ModelConfig {
     /// Mixtral routing (top-2), dropless.
     #[config(default = "MoeLayerConfig::new(128, 128, 8).with_router(RouterConfig::mixtral())")]
     pub moe: MoeLayerConfig,
+    /// Layers that stay dense whatever `ffn_plan` says (Qwen's `mlp_only_layers`). Default: none.
+    #[config(default = "None")]
+    pub dense_layers: Option<Vec<usize>>,
+    /// Biases on the query, key and value projections (Qwen2-MoE). Default: none.
+    #[config(default = "None")]
+    pub qkv_bias: Option<bool>,
+    /// RMSNorm on queries and keys (Qwen3-MoE, OLMoE). Default: none.
+    #[config(default = "None")]
+    pub qk_norm: Option<QkNorm>,
+    /// Softmax scale of the attention scores. Default: `1 / sqrt(head_dim)`.
+    #[config(default = "None")]
+    pub attn_scale: Option<f64>,
+    /// Factor on the token embeddings (Granite). Default: 1.
+    #[config(default = "None")]
+    pub embed_multiplier: Option<f64>,
+    /// Factor on each block's attention and feed-forward outputs before they join the residual
+    /// stream (Granite). Default: 1.
+    #[config(default = "None")]
+    pub residual_multiplier: Option<f64>,
+    /// Factor on the output logits (Granite divides by `logits_scaling`). Default: 1.
+    #[config(default = "None")]
+    pub logits_multiplier: Option<f64>,
+    /// A shared expert in every MoE layer, beside the routed experts (Qwen2-MoE). Default: none.
+    #[config(default = "None")]
+    pub shared_expert: Option<SharedExpertConfig>,
 }
 
 impl ModelConfig {
@@ -91,7 +141,12 @@ impl ModelConfig {
 
     /// Whether layer `i` is MoE.
     pub fn is_moe(&self, i: usize) -> bool {
-        self.ffn_plan.is_moe(i)
+        self.ffn_plan.is_moe(i) && !self.dense_layers.as_ref().is_some_and(|d| d.contains(&i))
+    }
+
+    /// Whether the query, key and value projections have biases.
+    pub fn has_qkv_bias(&self) -> bool {
+        self.qkv_bias == Some(true)
     }
 
     /// Checks every size and rate; the error names the field.
@@ -137,6 +192,30 @@ impl ModelConfig {
         if !(self.rms_eps > 0.0 && self.rms_eps.is_finite()) {
             return bad(format!("rms_eps must be positive, got {}", self.rms_eps));
         }
+        for (name, v) in [
+            ("attn_scale", self.attn_scale),
+            ("embed_multiplier", self.embed_multiplier),
+            ("residual_multiplier", self.residual_multiplier),
+            ("logits_multiplier", self.logits_multiplier),
+        ] {
+            if v.is_some_and(|v| !(v.is_finite() && v != 0.0)) {
+                return bad(format!("{name} must be finite and non-zero, got {v:?}"));
+            }
+        }
+        if let Some(&layer) = self
+            .dense_layers
+            .iter()
+            .flatten()
+            .find(|&&l| l >= self.n_layers)
+        {
+            return bad(format!(
+                "dense_layers names layer {layer}, the model has {}",
+                self.n_layers
+            ));
+        }
+        if self.shared_expert.as_ref().is_some_and(|s| s.d_ff == 0) {
+            return bad("shared_expert.d_ff must be at least 1".into());
+        }
         if let FfnPlan::EveryNth { n: 0 } = self.ffn_plan {
             return bad("ffn_plan every_nth needs n >= 1".into());
         }
@@ -166,12 +245,14 @@ impl ModelConfig {
     }
 
     /// The dense model with the same active parameters per token: every FFN dense, of width
-    /// `k * expert_d_ff` plus the shared experts' width.
+    /// `k * expert_d_ff` plus the shared experts' width (a shared expert's gate aside).
     pub fn dense_equivalent(&self) -> Self {
         let width = (self.moe.experts_per_token() * self.moe.d_ff as f64).round() as usize
-            + self.moe.n_shared_experts * self.moe.d_ff;
+            + self.moe.n_shared_experts * self.moe.d_ff
+            + self.shared_expert.as_ref().map_or(0, |s| s.d_ff);
         self.clone()
             .with_ffn_plan(FfnPlan::AllDense)
+            .with_shared_expert(None)
             .with_d_ff(width)
     }
 
@@ -213,6 +294,35 @@ mod tests {
         config.validate().unwrap();
         let back: ModelConfig = serde_json::from_str(&config.to_json()).unwrap();
         assert_eq!(back, config);
+    }
+
+    #[test]
+    fn configs_without_the_variant_fields_still_load() {
+        let mut json: serde_json::Value =
+            serde_json::from_str(&ModelConfig::new().to_json()).unwrap();
+        let object = json.as_object_mut().unwrap();
+        for key in [
+            "dense_layers",
+            "qkv_bias",
+            "qk_norm",
+            "attn_scale",
+            "embed_multiplier",
+            "residual_multiplier",
+            "logits_multiplier",
+            "shared_expert",
+        ] {
+            assert!(object.remove(key).is_some(), "{key}");
+        }
+        let back: ModelConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(back, ModelConfig::new());
+    }
+
+    #[test]
+    fn dense_layers_override_the_plan() {
+        let config = ModelConfig::new().with_dense_layers(Some(vec![0, 2]));
+        let moe: Vec<usize> = (0..4).filter(|&i| config.is_moe(i)).collect();
+        assert_eq!(moe, vec![1, 3]);
+        assert!(config.with_dense_layers(Some(vec![4])).validate().is_err());
     }
 
     #[test]

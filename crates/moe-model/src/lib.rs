@@ -2,8 +2,8 @@
 //!
 //! A decoder-only transformer language model built on `moe-core`'s MoE layer: pre-norm blocks with
 //! RMSNorm, causal grouped-query attention with rotary positions, and dense or MoE SwiGLU
-//! feed-forward blocks; generation with a KV cache; atomic checkpoints; Hugging Face Mixtral
-//! import; upcycling a dense model into an MoE; merging independently trained branches.
+//! feed-forward blocks; generation with a KV cache; atomic checkpoints; Hugging Face MoE import
+//! (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, Granite-MoE); upcycling a dense model into an MoE; merging independently trained branches.
 //!
 //! ```no_run
 //! use burn::prelude::*;
@@ -32,6 +32,6 @@ pub mod model;
 pub mod rope;
 pub mod upcycle;
 
-pub use config::{FfnPlan, ModelConfig};
+pub use config::{FfnPlan, ModelConfig, QkNorm, SharedExpertConfig};
 pub use error::{ModelError, Result};
 pub use model::{KvCache, ModelOutput, MoeLm};

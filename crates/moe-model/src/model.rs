@@ -223,6 +223,9 @@ impl MoeLm {
         cache.layers.resize(self.blocks.len(), None);
 
         let mut x = self.embed.forward(tokens); // [b, s, d]
+        if let Some(m) = self.config.embed_multiplier {
+            x = x.mul_scalar(m);
+        }
         let mut aux: Option<AuxLosses> = None;
         let mut routing = Vec::new();
         for (i, block) in self.blocks.iter().enumerate() {
@@ -242,6 +245,10 @@ impl MoeLm {
         let logits = match &self.lm_head {
             Some(head) => head.forward(x),
             None => x.matmul(self.embed.weight.val().transpose().unsqueeze_dim(0)), // [b, s, vocab]
+        };
+        let logits = match self.config.logits_multiplier {
+            Some(m) => logits.mul_scalar(m),
+            None => logits,
         };
         ModelOutput {
             logits,

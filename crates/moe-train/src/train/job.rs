@@ -14,6 +14,8 @@ use crate::run::RunDir;
 use crate::tokenizer::Tokenizer;
 
 /// Where a run's model comes from.
+// One per run: the config's size (its Hugging Face variant fields) costs nothing worth boxing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Start {
     /// A fresh model from a config.

@@ -1,10 +1,25 @@
-//! Import of Hugging Face Mixtral checkpoints (`config.json` with `model_type: mixtral` and
-//! `model.safetensors` or a sharded `model.safetensors.index.json`).
+//! Import of Hugging Face MoE checkpoints: a directory with `config.json` and `model.safetensors`
+//! or a sharded `model.safetensors.index.json`.
 //!
-//! Numerics follow the reference Mixtral: softmax over all experts, then top-k, then
-//! renormalisation; SwiGLU experts `w2(silu(w1 x) * w3 x)`; RoPE in the half-rotation layout.
+//! The `model_type` in `config.json` picks a family, one file each (`mixtral`, `olmoe`,
+//! `qwen2_moe`, `qwen3_moe`, `granitemoe`; `deepseek_v3` is refused). A family reads its config
+//! into our [`ModelConfig`], whose fields switch the numerics it needs (q/k norms, biases,
+//! multipliers, a shared expert, renormalised top-k or not), and refuses with a one-line error
+//! naming the key any setting that would change the numerics and is not implemented. The
+//! Llama-style parts (embedding, attention, norms, dense MLPs, head) have the same names in
+//! every family and load here; each family loads its MoE blocks.
+//!
 //! Hugging Face linears are stored `[out, in]`; ours are `[in, out]`, so every projection is
-//! transposed, and the per-expert `w1`/`w3`/`w2` are stacked into the expert bank.
+//! transposed, and per-expert matrices are stacked into the expert bank `[E, ...]`.
+
+mod config;
+mod deepseek_v3;
+mod granitemoe;
+mod load;
+mod mixtral;
+mod olmoe;
+mod qwen2_moe;
+mod qwen3_moe;
 
 use std::collections::HashMap;
 use std::fs;
@@ -12,82 +27,40 @@ use std::path::{Component, Path, PathBuf};
 
 use burn::module::Param;
 use burn::prelude::*;
-use moe_core::{MoeLayerConfig, RouterConfig};
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 
-use crate::block::Ffn;
-use crate::config::{FfnPlan, ModelConfig};
+use self::config::HfConfig;
+use self::load::{ExpertLayout, load_qwen_style_moe, moe_of};
+use crate::block::{Block, Ffn};
+use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::model::MoeLm;
 
-/// Reads a Hugging Face Mixtral `config.json` into our [`ModelConfig`].
+/// One model family: how its config reads and where its MoE weights live.
+trait Family: Sync {
+    /// Reads `config.json` into our config, refusing what this import cannot honour.
+    fn config(&self, hf: &HfConfig) -> Result<ModelConfig>;
+
+    /// Loads the MoE feed-forward block of layer `prefix` (`model.layers.N`) into `block`:
+    /// router, routed experts and any shared expert.
+    fn load_moe(&self, st: &mut HfTensors, prefix: &str, block: &mut Block) -> Result<()>;
+}
+
+/// The families, by `model_type`.
+const FAMILIES: &[(&str, &dyn Family)] = &[
+    ("mixtral", &mixtral::Mixtral),
+    ("olmoe", &olmoe::Olmoe),
+    ("qwen2_moe", &qwen2_moe::Qwen2Moe),
+    ("qwen3_moe", &qwen3_moe::Qwen3Moe),
+    ("granitemoe", &granitemoe::GraniteMoe),
+    ("deepseek_v3", &deepseek_v3::DeepseekV3),
+];
+
+/// Reads a Hugging Face `config.json` of a supported family into our [`ModelConfig`].
 pub fn config_from_hf(path: &Path) -> Result<ModelConfig> {
-    let text = fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-    let json: Value = serde_json::from_str(&text).map_err(|source| ModelError::Json {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let bad = |problem: String| ModelError::checkpoint(path, problem);
-    match json.get("model_type").and_then(Value::as_str) {
-        Some("mixtral") => {}
-        Some(other) => {
-            return Err(bad(format!(
-                "model_type is '{other}', only 'mixtral' can be imported"
-            )));
-        }
-        None => return Err(bad("no model_type: not a Hugging Face model config".into())),
-    }
-    let int = |key: &str| -> Result<usize> {
-        json.get(key)
-            .and_then(Value::as_u64)
-            .map(|v| v as usize)
-            .ok_or_else(|| bad(format!("missing or non-integer '{key}'")))
-    };
-    let float = |v: Option<&Value>| v.and_then(Value::as_f64);
-    let d_model = int("hidden_size")?;
-    let n_heads = int("num_attention_heads")?;
-    let d_ff = int("intermediate_size")?;
-    let rope_theta = float(json.get("rope_theta"))
-        .or_else(|| {
-            float(
-                json.get("rope_parameters")
-                    .and_then(|p| p.get("rope_theta")),
-            )
-        })
-        .unwrap_or(1e6);
-    let head_dim = json
-        .get("head_dim")
-        .and_then(Value::as_u64)
-        .map(|v| v as usize);
-    let top_k = int("num_experts_per_tok")?;
-    let config = ModelConfig::new()
-        .with_vocab_size(int("vocab_size")?)
-        .with_d_model(d_model)
-        .with_n_layers(int("num_hidden_layers")?)
-        .with_n_heads(n_heads)
-        .with_n_kv_heads(
-            json.get("num_key_value_heads")
-                .and_then(Value::as_u64)
-                .map_or(n_heads, |v| v as usize),
-        )
-        .with_head_dim(head_dim.filter(|&h| h != d_model / n_heads.max(1)))
-        .with_rope_theta(rope_theta)
-        .with_rms_eps(float(json.get("rms_norm_eps")).unwrap_or(1e-5))
-        .with_max_seq_len(int("max_position_embeddings")?)
-        .with_tie_embeddings(
-            json.get("tie_word_embeddings")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-        )
-        .with_d_ff(d_ff)
-        .with_ffn_plan(FfnPlan::AllMoe)
-        .with_moe(
-            MoeLayerConfig::new(d_model, d_ff, int("num_local_experts")?)
-                .with_router(RouterConfig::mixtral().with_top_k(top_k)),
-        );
-    config.validate().map_err(|e| bad(e.to_string()))?;
-    Ok(config)
+    let hf = HfConfig::read(path)?;
+    hf.family()?.config(&hf)
 }
 
 /// Whether a shard name from an index file is a plain relative path that stays inside the model
@@ -253,7 +226,7 @@ impl HfTensors {
     }
 }
 
-/// Loads a Hugging Face Mixtral directory onto `device`.
+/// Loads a Hugging Face directory of a supported family onto `device`.
 pub fn import(dir: &Path, device: &Device) -> Result<MoeLm> {
     let meta = fs::metadata(dir).map_err(|e| ModelError::io(dir, e))?;
     if !meta.is_dir() {
@@ -262,57 +235,32 @@ pub fn import(dir: &Path, device: &Device) -> Result<MoeLm> {
             "is a file, expected a Hugging Face model directory",
         ));
     }
-    let config = config_from_hf(&dir.join("config.json"))?;
+    let hf = HfConfig::read(&dir.join("config.json"))?;
+    let family = hf.family()?;
+    let config = family.config(&hf)?;
     let mut model = config.init(device)?;
     let mut st = HfTensors::open(dir)?;
-    let (d, v, hd) = (config.d_model, config.vocab_size, config.head_dim());
-    let (h, kvh, e, f) = (
-        config.n_heads,
-        config.n_kv_heads,
-        config.moe.n_experts,
-        config.moe.d_ff,
-    );
+    let (d, v) = (config.d_model, config.vocab_size);
 
     model.embed.weight =
         Param::from_tensor(st.matrix("model.embed_tokens.weight", v, d, device)?);
     for (i, block) in model.blocks.iter_mut().enumerate() {
         let p = format!("model.layers.{i}");
-        block.attn.q_proj.weight =
-            st.linear(&format!("{p}.self_attn.q_proj.weight"), d, h * hd, device)?;
-        block.attn.k_proj.weight =
-            st.linear(&format!("{p}.self_attn.k_proj.weight"), d, kvh * hd, device)?;
-        block.attn.v_proj.weight =
-            st.linear(&format!("{p}.self_attn.v_proj.weight"), d, kvh * hd, device)?;
-        block.attn.o_proj.weight =
-            st.linear(&format!("{p}.self_attn.o_proj.weight"), h * hd, d, device)?;
-        block.attn_norm.gamma = st.vector(&format!("{p}.input_layernorm.weight"), d, device)?;
-        block.ffn_norm.gamma =
-            st.vector(&format!("{p}.post_attention_layernorm.weight"), d, device)?;
-        let Ffn::Moe(moe) = &mut block.ffn else {
-            unreachable!("an imported Mixtral is MoE in every layer")
-        };
-        let m = format!("{p}.block_sparse_moe");
-        moe.router.gate.weight = st.linear(&format!("{m}.gate.weight"), d, e, device)?;
-        // w1 (gate) and w3 (up) are [f, d]: transposed to [d, f]; w2 (down) is [d, f] -> [f, d].
-        let mut bank = |w: &str, rows: usize, cols: usize| -> Result<Param<Tensor<3>>> {
-            let experts = (0..e)
-                .map(|j| {
-                    Ok(st
-                        .matrix(&format!("{m}.experts.{j}.{w}.weight"), rows, cols, device)?
-                        .transpose()
-                        .unsqueeze_dim(0))
-                })
-                .collect::<Result<Vec<Tensor<3>>>>()?;
-            Ok(Param::from_tensor(Tensor::cat(experts, 0)))
-        };
-        moe.experts.w_gate = bank("w1", f, d)?;
-        moe.experts.w_up = bank("w3", f, d)?;
-        moe.experts.w_down = bank("w2", d, f)?;
+        st.load_attention(&format!("{p}.self_attn"), block)?;
+        st.load_norm(&format!("{p}.input_layernorm"), &mut block.attn_norm)?;
+        st.load_norm(
+            &format!("{p}.post_attention_layernorm"),
+            &mut block.ffn_norm,
+        )?;
+        match &mut block.ffn {
+            Ffn::Dense(ffn) => st.load_swiglu(&format!("{p}.mlp"), ffn)?,
+            Ffn::Moe(_) => family.load_moe(&mut st, &p, block)?,
+        }
     }
-    model.norm.gamma = st.vector("model.norm.weight", d, device)?;
+    st.load_norm("model.norm", &mut model.norm)?;
     // A tied model reads its output projection from the embedding; a stored lm_head is ignored.
     if let Some(head) = &mut model.lm_head {
-        head.weight = st.linear("lm_head.weight", d, v, device)?;
+        st.load_linear("lm_head", head)?;
     }
     Ok(model)
 }
