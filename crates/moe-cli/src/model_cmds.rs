@@ -6,18 +6,21 @@ use anyhow::bail;
 use burn::prelude::*;
 use clap::Args;
 use moe_core::{MoeLayerConfig, RouterConfig};
+use moe_model::checkpoint::CheckpointWriter;
 use moe_model::generate::{Sampling, generate as run_generate};
 use moe_model::{checkpoint, hf, upcycle as up};
-use moe_train::tokenizer::from_spec;
+use moe_train::HfTokenizer;
+use moe_train::hf_tokenizer::{self, HF_TOKENIZER_DIR};
+
+use crate::prompt::{Codec, PromptArgs};
 
 /// Arguments of `moe generate`.
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     /// Checkpoint directory.
     checkpoint: PathBuf,
-    /// Text to continue.
-    #[arg(long)]
-    prompt: String,
+    #[command(flatten)]
+    prompt: PromptArgs,
     /// Tokens to generate at most.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
@@ -48,8 +51,9 @@ pub struct GenerateArgs {
 pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let device = crate::device(&a.device)?;
     let ckpt = checkpoint::load(&a.checkpoint, &device)?;
-    let tokenizer = from_spec(ckpt.tokenizer.as_ref())?;
-    let prompt = tokenizer.encode(&a.prompt);
+    let vocab_size = ckpt.model.config.vocab_size;
+    let codec = Codec::for_checkpoint(&ckpt)?;
+    let prompt = codec.tokens(&a.prompt, vocab_size, &ckpt.dir)?;
     let sampling = if a.greedy {
         Sampling::greedy()
     } else {
@@ -60,22 +64,16 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             seed: a.seed,
         }
     };
-    let eos = (tokenizer.eos() as usize) < ckpt.model.config.vocab_size;
-    let new = run_generate(
-        &ckpt.model,
-        &prompt,
-        a.max_new_tokens,
-        &sampling,
-        eos.then(|| tokenizer.eos()),
-    )?;
-    let text = tokenizer.decode(&new);
+    let eos = codec.eos(vocab_size);
+    let new = run_generate(&ckpt.model, &prompt, a.max_new_tokens, &sampling, &eos)?;
+    let text = codec.decode(&new);
     if a.json {
         println!(
             "{}",
             serde_json::json!({"prompt_tokens": prompt, "new_tokens": new, "text": text})
         );
     } else {
-        println!("{}{}", a.prompt, text);
+        println!("{}{}", a.prompt.echo(), text);
     }
     Ok(())
 }
@@ -85,9 +83,8 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
 pub struct LogitsArgs {
     /// Checkpoint directory.
     checkpoint: PathBuf,
-    /// Text whose positions to score.
-    #[arg(long)]
-    prompt: String,
+    #[command(flatten)]
+    prompt: PromptArgs,
     /// Device.
     #[arg(long, default_value = "flex")]
     device: String,
@@ -97,12 +94,8 @@ pub struct LogitsArgs {
 pub fn logits(a: LogitsArgs) -> anyhow::Result<()> {
     let device = crate::device(&a.device)?;
     let ckpt = checkpoint::load(&a.checkpoint, &device)?;
-    let tokenizer = from_spec(ckpt.tokenizer.as_ref())?;
-    let tokens = tokenizer.encode(&a.prompt);
     let config = &ckpt.model.config;
-    if tokens.is_empty() {
-        bail!("the prompt is empty");
-    }
+    let tokens = Codec::for_checkpoint(&ckpt)?.tokens(&a.prompt, config.vocab_size, &ckpt.dir)?;
     if tokens.len() > config.max_seq_len {
         bail!(
             "the prompt has {} tokens but the model's context is {}",
@@ -126,7 +119,8 @@ pub fn logits(a: LogitsArgs) -> anyhow::Result<()> {
 /// Arguments of `moe import-hf`.
 #[derive(Args, Debug)]
 pub struct ImportArgs {
-    /// Hugging Face Mixtral directory (config.json plus safetensors).
+    /// Hugging Face Mixtral directory (config.json plus safetensors, and the tokenizer files when
+    /// present).
     hf_dir: PathBuf,
     /// Checkpoint directory to write.
     #[arg(long)]
@@ -145,14 +139,28 @@ pub fn import_hf(a: ImportArgs) -> anyhow::Result<()> {
         );
     }
     let model = hf::import(&a.hf_dir, &Device::flex())?;
-    let dir = checkpoint::save(&a.out, &model, None, a.overwrite)?;
+    let has_tokenizer = a.hf_dir.join("tokenizer.json").exists();
+    if has_tokenizer {
+        HfTokenizer::from_dir(&a.hf_dir)?;
+    }
+    let writer = CheckpointWriter::new(&a.out)?;
+    writer.write_model(&model)?;
+    if has_tokenizer {
+        hf_tokenizer::copy_files(&a.hf_dir, &writer.dir().join(HF_TOKENIZER_DIR))?;
+    }
+    let dir = writer.commit(a.overwrite)?;
     let acc = model.config.accounting().total;
     println!(
-        "imported {} -> {} ({} parameters, {} active per token)",
+        "imported {} -> {} ({} parameters, {} active per token, {})",
         a.hf_dir.display(),
         dir.display(),
         acc.total_params,
-        acc.active_params
+        acc.active_params,
+        if has_tokenizer {
+            "with its tokenizer"
+        } else {
+            "no tokenizer: bytes or --ids"
+        }
     );
     Ok(())
 }

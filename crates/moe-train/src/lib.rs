@@ -1,7 +1,7 @@
 //! # moe-train
 //!
-//! Data, training loops and evaluation for `moe` models: a byte-level tokenizer behind a
-//! [`Tokenizer`] trait, a built-in four-domain corpus (code, arithmetic, English, Spanish) and
+//! Data, training loops and evaluation for `moe` models: a byte-level tokenizer and Hugging Face
+//! tokenizers (with chat templates) behind a [`Tokenizer`] trait, a built-in four-domain corpus (code, arithmetic, English, Spanish) and
 //! user corpora, the joint training loop with balancing losses or bias updates, exact resume,
 //! branch training and merging (Branch-Train-MiX), evaluation with per-domain losses and
 //! domain x expert routing tables, SVG reports, and the MoE-vs-dense benchmark cases.
@@ -18,11 +18,13 @@
 
 pub mod bench;
 pub mod branch;
+pub mod chat;
 pub mod config;
 pub mod corpus;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod hf_tokenizer;
 pub mod parallel;
 pub mod report;
 pub mod run;
@@ -33,6 +35,7 @@ pub use config::{TrainConfig, TrainPart};
 pub use data::Corpus;
 pub use error::{DataError, Result};
 pub use eval::{EvalReport, evaluate};
+pub use hf_tokenizer::HfTokenizer;
 pub use run::RunDir;
 pub use tokenizer::{ByteTokenizer, Tokenizer};
 pub use train::{Progress, Start, TrainJob, TrainOutcome, train};
