@@ -34,6 +34,8 @@ pub fn breakdown(
     let Assignment::TokenChoice { experts, weights } = routing.assignment else {
         unreachable!("the breakdown is of token-choice routing")
     };
+    // Materialised, so that the plan stage times the plan, not the router's top-k recomputed.
+    let experts = Tensor::<2, Int>::from_data(experts.into_data(), device);
     let choice = layer.layout_choice(false);
     let plan = TokenDispatch::plan(experts.clone(), None, e, choice);
     let buffer = x.clone().select(0, plan.source.clone());
@@ -44,8 +46,12 @@ pub fn breakdown(
         (
             "router (gate matmul, softmax, top-k)".to_string(),
             ms(&|()| {
+                // The chosen experts depend on every router op, top-k included.
                 let r = layer.router.forward(x.clone());
-                read_back(r.probs)
+                let Assignment::TokenChoice { experts, .. } = r.assignment else {
+                    unreachable!("the breakdown is of token-choice routing")
+                };
+                read_back(experts.float())
             }),
         ),
         (

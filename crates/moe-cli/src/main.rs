@@ -6,6 +6,7 @@ mod bench_cmd;
 mod branch_cmds;
 mod inspect;
 mod model_cmds;
+mod prompt;
 mod train_cmds;
 
 use std::path::{Path, PathBuf};

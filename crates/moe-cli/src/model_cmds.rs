@@ -6,18 +6,21 @@ use anyhow::bail;
 use burn::prelude::*;
 use clap::Args;
 use moe_core::{MoeLayerConfig, RouterConfig};
+use moe_model::checkpoint::CheckpointWriter;
 use moe_model::generate::{Sampling, check_prompt, generate as run_generate};
 use moe_model::{checkpoint, hf, upcycle as up};
-use moe_train::tokenizer::from_spec;
+use moe_train::HfTokenizer;
+use moe_train::hf_tokenizer::{self, HF_TOKENIZER_DIR};
+
+use crate::prompt::{Codec, PromptArgs};
 
 /// Arguments of `moe generate`.
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     /// Checkpoint directory.
     checkpoint: PathBuf,
-    /// Text to continue.
-    #[arg(long)]
-    prompt: String,
+    #[command(flatten)]
+    prompt: PromptArgs,
     /// Tokens to generate at most.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
@@ -48,8 +51,9 @@ pub struct GenerateArgs {
 pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let device = crate::device(&a.device)?;
     let ckpt = checkpoint::load(&a.checkpoint, &device)?;
-    let tokenizer = from_spec(ckpt.tokenizer.as_ref())?;
-    let prompt = tokenizer.encode(&a.prompt);
+    let vocab_size = ckpt.model.config.vocab_size;
+    let codec = Codec::for_checkpoint(&ckpt)?;
+    let prompt = codec.tokens(&a.prompt, vocab_size, &ckpt.dir)?;
     let sampling = if a.greedy {
         Sampling::greedy()
     } else {
@@ -60,22 +64,16 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             seed: a.seed,
         }
     };
-    let eos = (tokenizer.eos() as usize) < ckpt.model.config.vocab_size;
-    let new = run_generate(
-        &ckpt.model,
-        &prompt,
-        a.max_new_tokens,
-        &sampling,
-        eos.then(|| tokenizer.eos()),
-    )?;
-    let text = tokenizer.decode(&new);
+    let eos = codec.eos(vocab_size);
+    let new = run_generate(&ckpt.model, &prompt, a.max_new_tokens, &sampling, &eos)?;
+    let text = codec.decode(&new);
     if a.json {
         println!(
             "{}",
             serde_json::json!({"prompt_tokens": prompt, "new_tokens": new, "text": text})
         );
     } else {
-        println!("{}{}", a.prompt, text);
+        println!("{}{}", a.prompt.echo(), text);
     }
     Ok(())
 }
@@ -85,12 +83,8 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
 pub struct LogitsArgs {
     /// Checkpoint directory.
     checkpoint: PathBuf,
-    /// Text whose positions to score (through the checkpoint's tokenizer).
-    #[arg(long, required_unless_present = "ids", conflicts_with = "ids")]
-    prompt: Option<String>,
-    /// Token ids to score, comma-separated (e.g. the ids another framework's tokenizer gave).
-    #[arg(long, value_delimiter = ',')]
-    ids: Option<Vec<u32>>,
+    #[command(flatten)]
+    prompt: PromptArgs,
     /// Device.
     #[arg(long, default_value = "flex")]
     device: String,
@@ -100,13 +94,10 @@ pub struct LogitsArgs {
 pub fn logits(a: LogitsArgs) -> anyhow::Result<()> {
     let device = crate::device(&a.device)?;
     let ckpt = checkpoint::load(&a.checkpoint, &device)?;
-    let tokens = match (a.ids, a.prompt) {
-        (Some(ids), _) => ids,
-        (None, Some(prompt)) => from_spec(ckpt.tokenizer.as_ref())?.encode(&prompt),
-        (None, None) => bail!("give --prompt or --ids"),
-    };
+    let config = &ckpt.model.config;
+    let tokens = Codec::for_checkpoint(&ckpt)?.tokens(&a.prompt, config.vocab_size, &ckpt.dir)?;
     // Ids past the vocabulary (given, or from a tokenizer larger than the model's) are refused.
-    check_prompt(&ckpt.model.config, &tokens)?;
+    check_prompt(config, &tokens)?;
     let ids: Vec<i64> = tokens.iter().map(|&t| i64::from(t)).collect();
     let input = Tensor::<1, Int>::from_ints(ids.as_slice(), &device).reshape([1, ids.len()]);
     let out = ckpt.model.forward(input, None).logits; // [1, s, V]
@@ -123,7 +114,8 @@ pub fn logits(a: LogitsArgs) -> anyhow::Result<()> {
 /// Arguments of `moe import-hf`.
 #[derive(Args, Debug)]
 pub struct ImportArgs {
-    /// Hugging Face Mixtral directory (config.json plus safetensors).
+    /// Hugging Face Mixtral directory (config.json plus safetensors, and the tokenizer files when
+    /// present).
     hf_dir: PathBuf,
     /// Checkpoint directory to write.
     #[arg(long)]
@@ -142,14 +134,28 @@ pub fn import_hf(a: ImportArgs) -> anyhow::Result<()> {
         );
     }
     let model = hf::import(&a.hf_dir, &Device::flex())?;
-    let dir = checkpoint::save(&a.out, &model, None, a.overwrite)?;
+    let has_tokenizer = a.hf_dir.join("tokenizer.json").exists();
+    if has_tokenizer {
+        HfTokenizer::from_dir(&a.hf_dir)?;
+    }
+    let writer = CheckpointWriter::new(&a.out)?;
+    writer.write_model(&model)?;
+    if has_tokenizer {
+        hf_tokenizer::copy_files(&a.hf_dir, &writer.dir().join(HF_TOKENIZER_DIR))?;
+    }
+    let dir = writer.commit(a.overwrite)?;
     let acc = model.config.accounting().total;
     println!(
-        "imported {} -> {} ({} parameters, {} active per token)",
+        "imported {} -> {} ({} parameters, {} active per token, {})",
         a.hf_dir.display(),
         dir.display(),
         acc.total_params,
-        acc.active_params
+        acc.active_params,
+        if has_tokenizer {
+            "with its tokenizer"
+        } else {
+            "no tokenizer: bytes or --ids"
+        }
     );
     Ok(())
 }

@@ -16,7 +16,7 @@ use crate::stats::RoutingStats;
 pub enum ExpertCompute {
     /// In training, padded blocks, with a second tier for busy experts when routing is uneven
     /// ([`ExpertLayout::Tiered`](crate::dispatch::ExpertLayout::Tiered)): the work stays within
-    /// `2 sqrt(E)` times the assignments however collapsed the routing. In inference, segments
+    /// `4 sqrt(E)` times the assignments however collapsed the routing. In inference, segments
     /// on a host CPU backend (their chains
     /// run side by side on the cores); elsewhere segments when experts get many rows each or
     /// loads are very uneven, padded batches otherwise (see

@@ -141,14 +141,14 @@ pub fn check_prompt(config: &ModelConfig, prompt: &[u32]) -> Result<()> {
     Ok(())
 }
 
-/// Continues `prompt` by up to `max_new_tokens` tokens, stopping early at `eos` or at the model's
-/// context length. Returns the new tokens only.
+/// Continues `prompt` by up to `max_new_tokens` tokens, stopping early at any of the `eos` ids
+/// (kept as the last new token) or at the model's context length. Returns the new tokens only.
 pub fn generate(
     model: &MoeLm,
     prompt: &[u32],
     max_new_tokens: usize,
     sampling: &Sampling,
-    eos: Option<u32>,
+    eos: &[u32],
 ) -> Result<Vec<u32>> {
     sampling.validate()?;
     let config = &model.config;
@@ -171,7 +171,7 @@ pub fn generate(
             .expect("float logits");
         let token = sample(&last, sampling, &mut rng)?;
         out.push(token);
-        if Some(token) == eos {
+        if eos.contains(&token) {
             break;
         }
         next = vec![token];

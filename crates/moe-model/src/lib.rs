@@ -14,7 +14,7 @@
 //! let tokens = Tensor::<2, Int>::from_ints([[72, 105, 33]], &device);
 //! let out = model.forward(tokens, None);
 //! assert_eq!(out.logits.dims(), [1, 3, 256]);
-//! let new_tokens = generate(&model, &[72, 105], 8, &Sampling::greedy(), None).unwrap();
+//! let new_tokens = generate(&model, &[72, 105], 8, &Sampling::greedy(), &[]).unwrap();
 //! ```
 #![warn(missing_docs)]
 

@@ -63,7 +63,7 @@ fn imports_match_transformers(
     let (prompt, logits, tokens) = reference(&dir);
     let model = hf::import(&dir, &device).unwrap();
     let diff = max_logit_diff(&model, &prompt, &logits);
-    let greedy = generate(&model, &prompt, tokens.len(), &Sampling::greedy(), None).unwrap();
+    let greedy = generate(&model, &prompt, tokens.len(), &Sampling::greedy(), &[]).unwrap();
     eprintln!(
         "{family} on {backend}: max |logit diff| {diff:.2e}, greedy tokens equal: {}",
         greedy == tokens

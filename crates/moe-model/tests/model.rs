@@ -481,11 +481,11 @@ fn generation_is_reproducible_and_bounded(#[values("flex", "ndarray", "wgpu")] b
         return;
     };
     let model = small_config().init(&device).unwrap();
-    let greedy = generate(&model, &[1, 2, 3], 6, &Sampling::greedy(), None).unwrap();
+    let greedy = generate(&model, &[1, 2, 3], 6, &Sampling::greedy(), &[]).unwrap();
     assert_eq!(greedy.len(), 6);
     assert_eq!(
         greedy,
-        generate(&model, &[1, 2, 3], 6, &Sampling::greedy(), None).unwrap()
+        generate(&model, &[1, 2, 3], 6, &Sampling::greedy(), &[]).unwrap()
     );
     // Greedy decoding with the cache picks the argmax of the full forward at every step.
     let mut seq: Vec<i64> = vec![1, 2, 3];
@@ -502,6 +502,19 @@ fn generation_is_reproducible_and_bounded(#[values("flex", "ndarray", "wgpu")] b
         assert_eq!(argmax as u32, t);
         seq.push(i64::from(t));
     }
+    // Stops at the first token of the EOS set, which it keeps.
+    let stop = greedy.iter().position(|t| *t == greedy[2]).unwrap();
+    assert_eq!(
+        generate(
+            &model,
+            &[1, 2, 3],
+            6,
+            &Sampling::greedy(),
+            &[u32::MAX, greedy[2]]
+        )
+        .unwrap(),
+        greedy[..=stop]
+    );
     let s = Sampling {
         temperature: 0.9,
         top_k: Some(8),
@@ -509,17 +522,17 @@ fn generation_is_reproducible_and_bounded(#[values("flex", "ndarray", "wgpu")] b
         seed: 5,
     };
     assert_eq!(
-        generate(&model, &[4], 10, &s, None).unwrap(),
-        generate(&model, &[4], 10, &s, None).unwrap()
+        generate(&model, &[4], 10, &s, &[]).unwrap(),
+        generate(&model, &[4], 10, &s, &[]).unwrap()
     );
     // Stops at the context length; refuses a prompt longer than it.
     assert_eq!(
-        generate(&model, &[1; 30], 10, &Sampling::greedy(), None)
+        generate(&model, &[1; 30], 10, &Sampling::greedy(), &[])
             .unwrap()
             .len(),
         2
     );
-    let err = generate(&model, &[1; 33], 1, &Sampling::greedy(), None)
+    let err = generate(&model, &[1; 33], 1, &Sampling::greedy(), &[])
         .unwrap_err()
         .to_string();
     assert!(err.contains("context"), "{err}");

@@ -1,7 +1,7 @@
 //! # moe-train
 //!
-//! Data, training loops and evaluation for `moe` models: a byte-level tokenizer behind a
-//! [`Tokenizer`] trait, a built-in four-domain corpus (code, arithmetic, English, Spanish) and
+//! Data, training loops and evaluation for `moe` models: a byte-level tokenizer and Hugging Face
+//! tokenizers (with chat templates) behind a [`Tokenizer`] trait, a built-in four-domain corpus (code, arithmetic, English, Spanish) and
 //! user corpora, the joint training loop with balancing losses or bias updates, exact resume,
 //! branch training and merging (Branch-Train-MiX), evaluation with per-domain losses and
 //! domain x expert routing tables, and SVG reports.
@@ -19,19 +19,21 @@
 //!
 //! The modules form layers; each imports only modules below it, never one above:
 //!
-//! `error` < `config` < `tokenizer` < `corpus` < `data` < `run` < `objective` < `routing` <
+//! `error` < `config` < `chat` < `tokenizer` < `hf_tokenizer` < `corpus` < `data` < `run` < `objective` < `routing` <
 //! `eval` < `merge_info` < `parallel` < `train` < `branch` < `report`
 //!
-//! (`objective`: the losses; `routing`: routing statistics over passes; `merge_info`: the
+//! (`chat`: chat templates; `hf_tokenizer`: Hugging Face tokenizers; `objective`: the losses; `routing`: routing statistics over passes; `merge_info`: the
 //! record of a merged model's experts.) `grep -rn 'use crate::' src` lists the edges.
 #![warn(missing_docs)]
 
 pub mod branch;
+pub mod chat;
 pub mod config;
 pub mod corpus;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod hf_tokenizer;
 pub mod merge_info;
 pub mod objective;
 pub mod parallel;
@@ -45,6 +47,7 @@ pub use config::{TrainConfig, TrainPart};
 pub use data::Corpus;
 pub use error::{DataError, Result};
 pub use eval::{EvalReport, evaluate};
+pub use hf_tokenizer::HfTokenizer;
 pub use run::RunDir;
 pub use tokenizer::{ByteTokenizer, Tokenizer};
 pub use train::{Progress, Start, TrainJob, TrainOutcome, train};

@@ -171,7 +171,7 @@ pub fn samples(
                 .take_while(|&t| t != tokenizer.eos())
                 .take(prompt_len)
                 .collect();
-            let text = generate(model, &prompt, new_tokens, &sampling, Some(tokenizer.eos()))?;
+            let text = generate(model, &prompt, new_tokens, &sampling, &tokenizer.eos_ids())?;
             Ok(Sample {
                 domain: d.name.clone(),
                 prompt: tokenizer.decode(&prompt),

@@ -14,6 +14,10 @@ pub trait Tokenizer: Send + Sync {
     fn vocab_size(&self) -> usize;
     /// End-of-document token.
     fn eos(&self) -> u32;
+    /// Every id that ends generation (by default the end-of-document token).
+    fn eos_ids(&self) -> Vec<u32> {
+        vec![self.eos()]
+    }
     /// The description saved as `tokenizer.json` in checkpoints.
     fn spec(&self) -> Value;
 }
@@ -62,6 +66,10 @@ impl Tokenizer for ByteTokenizer {
 pub fn from_spec(spec: Option<&Value>) -> Result<Box<dyn Tokenizer>> {
     match spec.map(|s| s.get("kind").and_then(Value::as_str)) {
         None | Some(Some("bytes")) => Ok(Box::new(ByteTokenizer)),
+        Some(Some("hf")) => Err(DataError::Tokenizer(format!(
+            "a Hugging Face tokenizer is loaded from its files in the checkpoint's {}/ directory",
+            crate::hf_tokenizer::HF_TOKENIZER_DIR
+        ))),
         Some(kind) => Err(DataError::Tokenizer(format!(
             "unknown tokenizer kind {kind:?}"
         ))),

@@ -1,0 +1,200 @@
+//! `moe import-hf` with a Hugging Face tokenizer, then `moe generate` and `moe logits` on text,
+//! chat and raw-id prompts. The fixture `tests/fixtures/hf-mixtral-eos` (a tiny random Mixtral
+//! over a trained byte-level BPE vocabulary, made by `scripts/hf_tokenizer_fixture.py`) comes
+//! with the tokens transformers generates greedily with its EOS list and with the tokenizer's EOS
+//! alone.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use burn::prelude::*;
+use moe_core::MoeLayerConfig;
+use moe_model::{ModelConfig, checkpoint};
+use serde_json::Value;
+
+fn moe(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_moe"))
+        .args(args)
+        .output()
+        .expect("run moe")
+}
+
+/// Stdout of a run that must succeed.
+fn ok(args: &[&str]) -> String {
+    let o = moe(args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "moe {args:?}: {err}");
+    String::from_utf8(o.stdout).unwrap()
+}
+
+/// The one-line error of a run that must fail.
+fn fails(args: &[&str]) -> String {
+    let o = moe(args);
+    assert!(!o.status.success(), "moe {args:?} succeeded");
+    let err = String::from_utf8(o.stderr).unwrap();
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    err
+}
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf-mixtral-eos")
+}
+
+fn json(path: &Path) -> Value {
+    serde_json::from_str(&fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+/// A copy of the fixture without the named files.
+fn fixture_without(dir: &Path, skip: &[&str]) -> String {
+    fs::create_dir_all(dir).unwrap();
+    for entry in fs::read_dir(fixture()).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_str().unwrap();
+        if !skip.contains(&name) {
+            fs::copy(&path, dir.join(name)).unwrap();
+        }
+    }
+    dir.display().to_string()
+}
+
+fn import(hf_dir: &str, out: &Path) -> String {
+    let out_s = out.display().to_string();
+    let said = ok(&["import-hf", hf_dir, "--out", &out_s]);
+    assert!(said.contains("imported"), "{said}");
+    out_s
+}
+
+fn greedy(ckpt: &str, prompt: &[&str], max_new: usize) -> Value {
+    let max = max_new.to_string();
+    let mut args = vec![
+        "generate",
+        ckpt,
+        "--greedy",
+        "--max-new-tokens",
+        &max,
+        "--json",
+    ];
+    args.extend_from_slice(prompt);
+    serde_json::from_str(&ok(&args)).unwrap()
+}
+
+#[test]
+fn imported_tokenizer_encodes_like_transformers_and_generation_stops_at_eos() {
+    let tmp = tempfile::tempdir().unwrap();
+    let expected = json(&fixture().join("expected.json"));
+    let ckpt = import(&fixture().display().to_string(), &tmp.path().join("ckpt"));
+    let stored = tmp.path().join("ckpt/hf-tokenizer");
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "chat_template.jinja",
+    ] {
+        assert!(stored.join(name).is_file(), "{name} not copied");
+    }
+    // The project's own tokenizer spec is not written for an imported model.
+    assert!(!tmp.path().join("ckpt/tokenizer.json").exists());
+
+    let stop = ids(&expected["greedy_with_eos"]);
+    let eos = ids(&expected["eos"]);
+    assert!(
+        stop.len() < 24 && eos.contains(stop.last().unwrap()),
+        "fixture: {stop:?}"
+    );
+    let out = greedy(
+        &ckpt,
+        &["--prompt", expected["prompt"].as_str().unwrap()],
+        24,
+    );
+    assert_eq!(ids(&out["prompt_tokens"]), ids(&expected["prompt_ids"]));
+    assert_eq!(ids(&out["new_tokens"]), stop, "stops at the second EOS id");
+
+    // Without generation_config.json, EOS is the tokenizer's `</s>` alone: the same model runs on
+    // past the token that stopped it above, as transformers does.
+    let free = fixture_without(&tmp.path().join("free-hf"), &["generation_config.json"]);
+    let free = import(&free, &tmp.path().join("free"));
+    let out = greedy(
+        &free,
+        &["--prompt", expected["prompt"].as_str().unwrap()],
+        24,
+    );
+    let longer = ids(&expected["greedy_with_tokenizer_eos"]);
+    assert!(
+        longer.len() > stop.len() && longer.starts_with(&stop),
+        "fixture: {longer:?}"
+    );
+    assert_eq!(ids(&out["new_tokens"]), longer);
+}
+
+#[test]
+fn chat_ids_and_their_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = import(&fixture().display().to_string(), &tmp.path().join("ckpt"));
+    let tokenizer_expected = json(
+        &Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../moe-train/tests/fixtures/hf-tokenizer/expected.json"),
+    );
+    let chat = &tokenizer_expected["chat"];
+    let message = chat["messages"][0]["content"].as_str().unwrap();
+    let out = greedy(&ckpt, &["--chat", "--prompt", message], 2);
+    assert_eq!(ids(&out["prompt_tokens"]), ids(&chat["ids"]));
+
+    // Raw ids, checked against the vocabulary of 384.
+    let out = greedy(&ckpt, &["--ids", "0,307,222"], 2);
+    assert_eq!(ids(&out["prompt_tokens"]), [0, 307, 222]);
+    let logits: Value = serde_json::from_str(&ok(&["logits", &ckpt, "--ids", "5,6"])).unwrap();
+    assert_eq!(ids(&logits["tokens"]), [5, 6]);
+    assert_eq!(logits["logits"][1].as_array().unwrap().len(), 384);
+    for cmd in ["generate", "logits"] {
+        let err = fails(&[cmd, &ckpt, "--ids", "1,384"]);
+        assert!(err.contains("384") && err.contains("vocabulary"), "{err}");
+        let err = fails(&[cmd, &ckpt, "--ids", "1,x"]);
+        assert!(err.contains("--ids"), "{err}");
+    }
+
+    // A tokenizer without a chat template.
+    let plain = fixture_without(&tmp.path().join("plain-hf"), &["chat_template.jinja"]);
+    let plain = import(&plain, &tmp.path().join("plain"));
+    let err = fails(&["generate", &plain, "--chat", "--prompt", "hi"]);
+    assert!(err.contains("no chat template"), "{err}");
+}
+
+#[test]
+fn without_a_tokenizer_bytes_when_the_vocabulary_covers_them_else_ids() {
+    let tmp = tempfile::tempdir().unwrap();
+    let files = [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ];
+    let bare = fixture_without(&tmp.path().join("bare-hf"), &files);
+    let bare = import(&bare, &tmp.path().join("bare"));
+    let out = greedy(&bare, &["--prompt", "ab"], 2);
+    assert_eq!(ids(&out["prompt_tokens"]), [97, 98]);
+    let err = fails(&["generate", &bare, "--chat", "--prompt", "hi"]);
+    assert!(err.contains("--chat"), "{err}");
+
+    // A vocabulary of 64 ids cannot hold bytes: text is refused, ids work.
+    let config = ModelConfig::new()
+        .with_vocab_size(64)
+        .with_d_model(16)
+        .with_n_layers(1)
+        .with_n_heads(2)
+        .with_n_kv_heads(1)
+        .with_d_ff(16)
+        .with_max_seq_len(16)
+        .with_moe(MoeLayerConfig::new(16, 16, 4));
+    let model = config.init(&Device::flex()).unwrap();
+    let small = tmp.path().join("small");
+    checkpoint::save(&small, &model, None, false).unwrap();
+    let small = small.display().to_string();
+    let err = fails(&["generate", &small, "--prompt", "hi"]);
+    assert!(err.contains("--ids"), "{err}");
+    let out = greedy(&small, &["--ids", "1,2"], 3);
+    assert_eq!(out["new_tokens"].as_array().unwrap().len(), 3);
+}
