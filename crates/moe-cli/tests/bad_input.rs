@@ -338,12 +338,12 @@ const CASES: &[(&str, &str, &str)] = &[
     (
         "token id outside the vocabulary",
         "logits ckpt --ids 5,999",
-        "prompt token 999 is outside the vocabulary of 258",
+        "token id 999 is outside the model's vocabulary of 258",
     ),
     (
-        "tokenizer larger than the model's vocabulary",
+        "text prompt for a vocabulary without bytes",
         "logits small-vocab --prompt hi",
-        "prompt token 104 is outside the vocabulary of 64",
+        "the vocabulary of 64 does not cover bytes; give token ids with --ids",
     ),
     (
         "Hugging Face shard outside its directory",
