@@ -3,8 +3,7 @@
 //! routed ones, scaled per token by `sigmoid(shared_expert_gate(x))`; MoE layers placed by
 //! `decoder_sparse_step` and `mlp_only_layers`.
 
-use moe_core::{MoeLayerConfig, RouterConfig};
-
+use super::qwen3_moe::qwen_moe_layer;
 use super::{Family, HfConfig, HfTensors, load_qwen_style_moe};
 use crate::block::Block;
 use crate::config::{ModelConfig, SharedExpertConfig};
@@ -15,15 +14,7 @@ pub(super) struct Qwen2Moe;
 impl Family for Qwen2Moe {
     fn config(&self, hf: &HfConfig) -> Result<ModelConfig> {
         let base = hf.base(1e4, 1e-6)?;
-        let router = RouterConfig::mixtral()
-            .with_top_k(hf.int("num_experts_per_tok")?)
-            .with_renormalize(hf.bool("norm_topk_prob", false)?);
-        let moe = MoeLayerConfig::new(
-            base.d_model,
-            hf.int("moe_intermediate_size")?,
-            hf.int_of(&["num_experts", "num_local_experts"])?,
-        )
-        .with_router(router);
+        let moe = qwen_moe_layer(hf, base.d_model)?;
         let shared = hf.int("shared_expert_intermediate_size")?;
         let config = base
             .with_d_ff(hf.int("intermediate_size")?)
