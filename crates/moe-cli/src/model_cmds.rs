@@ -214,18 +214,42 @@ pub fn upcycle(a: UpcycleArgs) -> anyhow::Result<()> {
 
 /// Arguments of `moe export`.
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["out", "hf"])))]
 pub struct ExportArgs {
     /// Checkpoint directory.
     checkpoint: PathBuf,
-    /// The safetensors file to write.
+    /// The safetensors file to write (our parameter names and layout).
     #[arg(long)]
-    out: PathBuf,
+    out: Option<PathBuf>,
+    /// A Hugging Face Mixtral directory to write (new or empty): config.json, model.safetensors
+    /// and the checkpoint's tokenizer files.
+    #[arg(long)]
+    hf: Option<PathBuf>,
 }
 
 /// Runs `moe export`.
 pub fn export(a: ExportArgs) -> anyhow::Result<()> {
     let ckpt = checkpoint::load(&a.checkpoint, &Device::flex())?;
-    checkpoint::export_safetensors(&ckpt.model, &a.out)?;
-    println!("wrote {}", a.out.display());
+    if let Some(dir) = &a.hf {
+        let tokenizer = a.checkpoint.join(HF_TOKENIZER_DIR);
+        let has_tokenizer = tokenizer.is_dir();
+        hf::export_mixtral(
+            &ckpt.model,
+            dir,
+            has_tokenizer.then_some(tokenizer.as_path()),
+        )?;
+        println!(
+            "wrote {} (mixtral, {})",
+            dir.display(),
+            if has_tokenizer {
+                "with its tokenizer"
+            } else {
+                "no tokenizer"
+            }
+        );
+    } else if let Some(out) = &a.out {
+        checkpoint::export_safetensors(&ckpt.model, out)?;
+        println!("wrote {}", out.display());
+    }
     Ok(())
 }

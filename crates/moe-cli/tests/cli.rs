@@ -424,3 +424,58 @@ fn branch_merge_fine_tune_eval() {
     assert!(stderr(&o).contains("not dense"), "{}", stderr(&o));
     assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
 }
+
+/// `moe export --hf` writes a Mixtral directory that `moe import-hf` reads back to the same
+/// logits; `--out` and `--hf` are exclusive, one required; a dense model is refused in one line.
+#[test]
+fn export_hf_round_trips_through_import_hf() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = moe_model::ModelConfig::new()
+        .with_vocab_size(258)
+        .with_d_model(32)
+        .with_n_layers(2)
+        .with_n_heads(2)
+        .with_n_kv_heads(1)
+        .with_moe(moe_core::MoeLayerConfig::new(32, 24, 4))
+        .init_seeded(&burn::tensor::Device::flex(), 5)
+        .unwrap();
+    let ckpt = tmp.path().join("ckpt");
+    moe_model::checkpoint::save(&ckpt, &model, None, false).unwrap();
+    let ckpt = ckpt.display().to_string();
+    let hf = tmp.path().join("hf").display().to_string();
+    let back = tmp.path().join("back").display().to_string();
+    let o = moe(&["export", &ckpt, "--hf", &hf]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = moe(&["import-hf", &hf, "--out", &back]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let logits = |c: &str| stdout(&moe(&["logits", c, "--ids", "1,2,3,250,7"]));
+    assert_eq!(logits(&ckpt), logits(&back));
+
+    let o = moe(&["export", &ckpt, "--hf", &hf]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("not empty"), "{}", stderr(&o));
+    for args in [
+        vec!["export", ckpt.as_str()],
+        vec![
+            "export",
+            ckpt.as_str(),
+            "--out",
+            "x.safetensors",
+            "--hf",
+            "y",
+        ],
+    ] {
+        let o = moe(&args);
+        assert!(!o.status.success(), "{args:?}");
+        assert_eq!(stderr(&o).trim().lines().count(), 1, "{}", stderr(&o));
+    }
+    let dense = dense_checkpoint(&tmp.path().join("dense"));
+    let o = moe(&[
+        "export",
+        &dense,
+        "--hf",
+        &tmp.path().join("d").display().to_string(),
+    ]);
+    assert!(stderr(&o).contains("ffn_plan"), "{}", stderr(&o));
+    assert!(!tmp.path().join("d").exists());
+}

@@ -11,9 +11,13 @@
 //!
 //! Hugging Face linears are stored `[out, in]`; ours are `[in, out]`, so every projection is
 //! transposed, and per-expert matrices are stacked into the expert bank `[E, ...]`.
+//!
+//! Export ([`export_mixtral`]) writes the `mixtral` family back, for models that format can
+//! express.
 
 mod config;
 mod deepseek_v3;
+mod export;
 mod granitemoe;
 mod load;
 mod mixtral;
@@ -29,6 +33,8 @@ use burn::module::Param;
 use burn::prelude::*;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
+
+pub use self::export::{export_mixtral, mixtral_refusal};
 
 use self::config::HfConfig;
 use self::load::{ExpertLayout, load_qwen_style_moe, moe_of};
