@@ -230,7 +230,7 @@ impl MoeLayer {
         let (routing, routed) = match self.router.config.kind {
             RouterKind::ExpertChoice => {
                 let routing = self.route_expert_choice(x.clone(), valid.clone());
-                let routed = self.expert_choice(x.clone(), &routing.assignment, &valid_f);
+                let routed = self.expert_choice(x.clone(), &routing.assignment, &valid_f, &tokens);
                 (routing, routed)
             }
             RouterKind::Softmax | RouterKind::Sigmoid => {
@@ -301,20 +301,25 @@ impl MoeLayer {
     /// Runs an expert-choice assignment; padding picked when real tokens run out gets no
     /// weight and no load.
     ///
-    /// x: `[T, d_model]`; valid: `[T]` (1 real, 0 padding)
+    /// x: `[T, d_model]`; valid: `[T]` (1 real, 0 padding); tokens: real tokens (scalar `[1]`)
     fn expert_choice(
         &self,
         x: Tensor<2>,
         assignment: &Assignment,
         valid: &Option<Tensor<1>>,
+        tokens: &Tensor<1>,
     ) -> Routed {
-        let Assignment::ExpertChoice { tokens, weights } = assignment else {
+        let Assignment::ExpertChoice {
+            tokens: picks,
+            weights,
+        } = assignment
+        else {
             unreachable!("expert-choice routers assign tokens to experts");
         };
         let [t, _] = x.dims();
-        let [e, c] = tokens.dims();
+        let [e, c] = picks.dims();
         let device = x.device();
-        let source = tokens.clone().reshape([e * c]);
+        let source = picks.clone().reshape([e * c]);
         let (weights, picked) = match valid {
             Some(v) => {
                 let real = v.clone().select(0, source.clone()).reshape([e, c]);
@@ -331,17 +336,15 @@ impl MoeLayer {
             burn::tensor::IndexingUpdateOp::Add,
         ); // [T] experts per token
         let mut unpicked = coverage.equal_elem(0.0).float();
-        let mut requested = Tensor::full([1], t as f64, &device);
         if let Some(v) = valid {
             unpicked = unpicked * v.clone();
-            requested = v.clone().sum();
         }
         Routed {
-            output: expert_choice_apply(&self.experts, x, tokens.clone(), weights),
+            output: expert_choice_apply(&self.experts, x, picks.clone(), weights),
             routed: load.clone(),
             load,
             dropped: unpicked.sum(),
-            requested,
+            requested: tokens.clone(),
         }
     }
 

@@ -5,8 +5,7 @@
 //! over all experts renormalised over the top k. Experts stacked: `input_linear` `[E, 2F, D]`
 //! (gate rows first), `output_linear` `[E, D, F]`, router `router.layer`.
 
-use moe_core::{MoeLayerConfig, RouterConfig};
-
+use super::mixtral::mixtral_moe_layer;
 use super::{ExpertLayout, Family, HfConfig, HfTensors, moe_of};
 use crate::block::Block;
 use crate::config::ModelConfig;
@@ -18,13 +17,7 @@ impl Family for GraniteMoe {
     fn config(&self, hf: &HfConfig) -> Result<ModelConfig> {
         let base = hf.base(1e4, 1e-6)?;
         let d_ff = hf.int("intermediate_size")?;
-        let router = RouterConfig::mixtral().with_top_k(hf.int("num_experts_per_tok")?);
-        let moe = MoeLayerConfig::new(
-            base.d_model,
-            d_ff,
-            hf.int_of(&["num_local_experts", "num_experts"])?,
-        )
-        .with_router(router);
+        let moe = mixtral_moe_layer(hf, base.d_model, d_ff)?;
         let logits_scaling = hf.float("logits_scaling", 1.0)?;
         let config = base
             .with_d_ff(d_ff)

@@ -12,19 +12,29 @@ use crate::block::Block;
 use crate::config::ModelConfig;
 use crate::error::Result;
 
+/// Mixtral-style routed experts (also Granite-MoE's): softmax top-k renormalised, `E` experts
+/// of width `d_ff` from `num_local_experts` (or `num_experts`).
+pub(super) fn mixtral_moe_layer(
+    hf: &HfConfig,
+    d_model: usize,
+    d_ff: usize,
+) -> Result<MoeLayerConfig> {
+    let router = RouterConfig::mixtral().with_top_k(hf.int("num_experts_per_tok")?);
+    Ok(MoeLayerConfig::new(
+        d_model,
+        d_ff,
+        hf.int_of(&["num_local_experts", "num_experts"])?,
+    )
+    .with_router(router))
+}
+
 pub(super) struct Mixtral;
 
 impl Family for Mixtral {
     fn config(&self, hf: &HfConfig) -> Result<ModelConfig> {
         let base = hf.base(1e6, 1e-5)?;
         let d_ff = hf.int("intermediate_size")?;
-        let router = RouterConfig::mixtral().with_top_k(hf.int("num_experts_per_tok")?);
-        let moe = MoeLayerConfig::new(
-            base.d_model,
-            d_ff,
-            hf.int_of(&["num_local_experts", "num_experts"])?,
-        )
-        .with_router(router);
+        let moe = mixtral_moe_layer(hf, base.d_model, d_ff)?;
         hf.checked(base.with_d_ff(d_ff).with_moe(moe))
     }
 
