@@ -6,6 +6,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use moe_core::WeightDType;
 use moe_model::accounting::ModelAccounting;
+use moe_model::weights::{self, StoredBytes};
 use moe_model::{ModelConfig, checkpoint, hf};
 
 /// Arguments of `moe inspect`.
@@ -141,9 +142,44 @@ fn print_tables(config: &ModelConfig, acc: &ModelAccounting) {
     }
 }
 
+/// What the weights files of a directory store, by dtype: a checkpoint's `model.bpk` or a
+/// Hugging Face directory's safetensors, read from their headers. Empty for a config file or a
+/// directory without weights.
+fn stored(path: &Path) -> anyhow::Result<Vec<StoredBytes>> {
+    let hf_weights = ["model.safetensors", "model.safetensors.index.json"];
+    Ok(if path.join(checkpoint::WEIGHTS_FILE).is_file() {
+        weights::stored_in_burnpack(&path.join(checkpoint::WEIGHTS_FILE))?
+    } else if hf_weights.iter().any(|f| path.join(f).is_file()) {
+        hf::stored_weights(path)?
+    } else {
+        Vec::new()
+    })
+}
+
+fn print_stored(stored: &[StoredBytes]) {
+    if stored.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "{:<6} {:>14} {:>16} {:>14}   (as stored)",
+        "dtype", "all weights", "routed experts", "the rest"
+    );
+    for s in stored {
+        println!(
+            "{:<6} {:>14} {:>16} {:>14}",
+            s.dtype,
+            gib(s.experts + s.other),
+            gib(s.experts),
+            gib(s.other)
+        );
+    }
+}
+
 /// Runs `moe inspect`.
 pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     let config = load_config(&args.path)?;
+    let stored = stored(&args.path)?;
     let acc = config.accounting();
     if args.json {
         let memory: serde_json::Map<String, serde_json::Value> = WeightDType::ALL
@@ -158,11 +194,15 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             "flops_per_token": acc.total.flops_per_token,
             "total_over_active": acc.total.sparsity_ratio(),
             "memory": memory,
+            "stored": stored.iter().map(|s| serde_json::json!({
+                "dtype": s.dtype, "expert_bytes": s.experts, "other_bytes": s.other,
+            })).collect::<Vec<_>>(),
             "layers": acc.layers,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         print_tables(&config, &acc);
+        print_stored(&stored);
     }
     Ok(())
 }

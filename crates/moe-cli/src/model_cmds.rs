@@ -4,11 +4,12 @@ use std::path::PathBuf;
 
 use anyhow::bail;
 use burn::prelude::*;
+use burn::tensor::DType;
 use clap::Args;
 use moe_core::{MoeLayerConfig, RouterConfig};
 use moe_model::checkpoint::CheckpointWriter;
 use moe_model::generate::{Sampling, check_prompt, generate as run_generate};
-use moe_model::{checkpoint, hf, upcycle as up};
+use moe_model::{checkpoint, hf, upcycle as up, weights};
 use moe_train::HfTokenizer;
 use moe_train::hf_tokenizer::{self, HF_TOKENIZER_DIR};
 
@@ -123,6 +124,20 @@ pub struct ImportArgs {
     /// Replace an existing checkpoint at --out.
     #[arg(long)]
     overwrite: bool,
+    /// Dtype of the stored weights: f32, f16 or bf16. Default: the dtype the checkpoint stores
+    /// most of its weights in. Models run in f32 whatever the stored dtype.
+    #[arg(long, value_parser = parse_dtype)]
+    dtype: Option<DType>,
+}
+
+/// A float dtype as the CLI spells it.
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        _ => Err(format!("'{s}' is not a weight dtype; use f32, f16 or bf16")),
+    }
 }
 
 /// Runs `moe import-hf`.
@@ -133,7 +148,7 @@ pub fn import_hf(a: ImportArgs) -> anyhow::Result<()> {
             a.out.display()
         );
     }
-    let model = hf::import(&a.hf_dir, &Device::flex())?;
+    let model = hf::import_as(&a.hf_dir, &Device::flex(), a.dtype)?;
     let has_tokenizer = a.hf_dir.join("tokenizer.json").exists();
     if has_tokenizer {
         HfTokenizer::from_dir(&a.hf_dir)?;
@@ -145,12 +160,17 @@ pub fn import_hf(a: ImportArgs) -> anyhow::Result<()> {
     }
     let dir = writer.commit(a.overwrite)?;
     let acc = model.config.accounting().total;
+    let stored: Vec<String> = weights::bytes_by_dtype(&model)
+        .iter()
+        .map(|(dtype, bytes)| format!("{:.1} MiB {dtype}", *bytes as f64 / (1 << 20) as f64))
+        .collect();
     println!(
-        "imported {} -> {} ({} parameters, {} active per token, {})",
+        "imported {} -> {} ({} parameters, {} active per token, {}, {})",
         a.hf_dir.display(),
         dir.display(),
         acc.total_params,
         acc.active_params,
+        stored.join(" + "),
         if has_tokenizer {
             "with its tokenizer"
         } else {
@@ -201,7 +221,13 @@ pub fn upcycle(a: UpcycleArgs) -> anyhow::Result<()> {
     let moe = MoeLayerConfig::new(d, ckpt.model.config.d_ff, a.experts)
         .with_router(RouterConfig::mixtral().with_top_k(a.top_k));
     let model = up::upcycle(ckpt.model, moe, a.noise, a.seed)?;
-    let dir = checkpoint::save(&a.out, &model, ckpt.tokenizer.as_ref(), a.overwrite)?;
+    let writer = CheckpointWriter::new(&a.out)?;
+    writer.write_model(&model)?;
+    if let Some(spec) = &ckpt.tokenizer {
+        writer.write_json(checkpoint::TOKENIZER_FILE, spec)?;
+    }
+    hf_tokenizer::carry(&ckpt.dir, writer.dir())?;
+    let dir = writer.commit(a.overwrite)?;
     println!(
         "upcycled {} -> {} ({} experts, top-{})",
         a.dense.display(),
@@ -229,7 +255,8 @@ pub struct ExportArgs {
 
 /// Runs `moe export`.
 pub fn export(a: ExportArgs) -> anyhow::Result<()> {
-    let ckpt = checkpoint::load(&a.checkpoint, &Device::flex())?;
+    // In the dtype the checkpoint stores.
+    let ckpt = checkpoint::load_as(&a.checkpoint, &Device::flex(), None)?;
     if let Some(dir) = &a.hf {
         let tokenizer = a.checkpoint.join(HF_TOKENIZER_DIR);
         let has_tokenizer = tokenizer.is_dir();

@@ -161,25 +161,27 @@ pub(crate) fn stop_flag() -> Arc<AtomicBool> {
 
 /// Runs `moe train`.
 pub fn train(a: TrainArgs) -> anyhow::Result<()> {
-    let tokenizer = ByteTokenizer;
     let out = a
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from(if a.dense { "runs/dense" } else { "runs/moe" }));
     let devices = crate::devices(&a.device)?;
     // Every input is read and checked before the run directory is created or touched.
+    let tokenizer: Box<dyn Tokenizer>;
     let (run, config, start, corpus, source) = if a.resume {
         let run = RunDir::open(&out)?;
         let config = train_config(&a, Some(run.read_config()?))?;
         let Some(ckpt) = crate::latest_checkpoint(&run)? else {
             bail!("{}: has no checkpoint to resume from", out.display());
         };
+        tokenizer = checkpoint_tokenizer(&ckpt)?;
+        let tokenizer = tokenizer.as_ref();
         let state = TrainerState::read(&ckpt)?;
         let data = a
             .data
             .clone()
             .or_else(|| (state.data != "builtin").then(|| PathBuf::from(&state.data)));
-        let (corpus, source) = corpus(data.as_deref(), &config, &tokenizer)?;
+        let (corpus, source) = corpus(data.as_deref(), &config, tokenizer)?;
         // The domains the run trained on (a branch trains on one).
         let corpus = corpus.select(&state.domains)?;
         (run, config, Start::Resume, corpus, source)
@@ -189,11 +191,17 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
             Some(ckpt) => {
                 let ckpt = resolve_checkpoint(ckpt)?;
                 checkpoint::load_config(&ckpt)?;
+                // A model trains on with the tokenizer it was made with.
+                tokenizer = checkpoint_tokenizer(&ckpt)?;
                 Start::From(ckpt)
             }
-            None => Start::Fresh(model_config(&a, &tokenizer, config.seq_len)?),
+            None => {
+                tokenizer = Box::new(ByteTokenizer);
+                Start::Fresh(model_config(&a, tokenizer.as_ref(), config.seq_len)?)
+            }
         };
-        let (corpus, source) = corpus(a.data.as_deref(), &config, &tokenizer)?;
+        let tokenizer = tokenizer.as_ref();
+        let (corpus, source) = corpus(a.data.as_deref(), &config, tokenizer)?;
         corpus.check_window(config.seq_len + 1)?;
         let run = RunDir::create(&out, a.overwrite)?;
         (run, config, start, corpus, source)
@@ -216,7 +224,7 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         start,
         corpus: &corpus,
         data_source: source,
-        tokenizer: &tokenizer,
+        tokenizer: tokenizer.as_ref(),
         run: run.clone(),
         devices,
         progress: if verbose {
@@ -252,7 +260,14 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
         outcome.final_train_loss,
         outcome.checkpoint.display()
     );
-    report(&outcome.model, &corpus, &tokenizer, &config, &run)
+    report(&outcome.model, &corpus, tokenizer.as_ref(), &config, &run)
+}
+
+/// The tokenizer checkpoint `dir` was saved with (a Hugging Face one it carries, its own
+/// description, or bytes).
+fn checkpoint_tokenizer(dir: &Path) -> anyhow::Result<Box<dyn Tokenizer>> {
+    let spec = checkpoint::load_tokenizer_spec(dir)?;
+    Ok(moe_train::hf_tokenizer::for_checkpoint(dir, spec.as_ref())?)
 }
 
 /// Random draws of each random-router control in the end-of-training report.
@@ -336,7 +351,7 @@ pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let device = crate::device(&a.device)?;
     let dir = resolve_checkpoint(&a.checkpoint)?;
     let ckpt = checkpoint::load(&dir, &device)?;
-    let tokenizer = moe_train::tokenizer::from_spec(ckpt.tokenizer.as_ref())?;
+    let tokenizer = moe_train::hf_tokenizer::for_checkpoint(&dir, ckpt.tokenizer.as_ref())?;
     let defaults = TrainConfig::new();
     let (corpus, _) = corpus(a.data.as_deref(), &defaults, tokenizer.as_ref())?;
     let seq_len = defaults.seq_len.min(ckpt.model.config.max_seq_len);

@@ -107,6 +107,7 @@ impl Fixture {
             "escape/model.safetensors.index.json",
             r#"{"weight_map": {"model.embed_tokens.weight": "../ckpt/model.bpk"}}"#,
         );
+        f.damaged_hf_dirs();
         f.write("not-json.json", "steps: 10");
         f.write("truncated.json", r#"{"steps": 10, "lr": 0.0"#);
         f.write("list.json", "[1, 2, 3]");
@@ -124,6 +125,51 @@ impl Fixture {
         f.write("negative-aux.json", r#"{"aux_loss_coef": -1.0}"#);
         f.write("wrong-type.json", r#"{"steps": "many"}"#);
         f
+    }
+
+    /// Copies of a small Hugging Face Mixtral directory, each damaged one way: a shard the
+    /// index names is missing, a weight stored as integers, a config setting not implemented.
+    fn damaged_hf_dirs(&self) {
+        let good = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf-mixtral-eos");
+        for name in ["hf-missing-shard", "hf-int-weights", "hf-sliding-window"] {
+            copy_dir(&good, &self.path(name));
+        }
+        // Every tensor in model.safetensors, but the index puts one in a second shard.
+        let weights = std::fs::read(good.join("model.safetensors")).unwrap();
+        let header_len = u64::from_le_bytes(weights[..8].try_into().unwrap()) as usize;
+        let header = std::str::from_utf8(&weights[8..8 + header_len]).unwrap();
+        let header: serde_json::Value = serde_json::from_str(header).unwrap();
+        let mut map = serde_json::Map::new();
+        for name in header.as_object().unwrap().keys() {
+            if name != "__metadata__" {
+                map.insert(name.clone(), "model.safetensors".into());
+            }
+        }
+        map.insert(
+            "model.norm.weight".into(),
+            "model-00002-of-00002.safetensors".into(),
+        );
+        self.write(
+            "hf-missing-shard/model.safetensors.index.json",
+            &serde_json::json!({ "weight_map": map }).to_string(),
+        );
+        // The same header length with one F32 weight relabelled I32.
+        let text = std::str::from_utf8(&weights[8..8 + header_len]).unwrap();
+        let at = text.find(r#""model.norm.weight":{"dtype":"F32""#).unwrap();
+        let relabelled = format!(
+            "{}{}",
+            &text[..at],
+            text[at..].replacen(r#""dtype":"F32""#, r#""dtype":"I32""#, 1)
+        );
+        let mut ints = weights[..8].to_vec();
+        ints.extend_from_slice(relabelled.as_bytes());
+        ints.extend_from_slice(&weights[8 + header_len..]);
+        std::fs::write(self.path("hf-int-weights/model.safetensors"), ints).unwrap();
+        let config = self.path("hf-sliding-window/config.json");
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+        json["sliding_window"] = 4.into();
+        std::fs::write(config, json.to_string()).unwrap();
     }
 
     fn path(&self, rel: &str) -> PathBuf {
@@ -349,6 +395,26 @@ const CASES: &[(&str, &str, &str)] = &[
         "Hugging Face shard outside its directory",
         "import-hf escape --out imported",
         "shard '../ckpt/model.bpk' of 'model.embed_tokens.weight' is outside the model directory",
+    ),
+    (
+        "Hugging Face shard missing",
+        "import-hf hf-missing-shard --out imported",
+        "model-00002-of-00002.safetensors: shard missing (named by the index)",
+    ),
+    (
+        "Hugging Face weight stored as integers",
+        "import-hf hf-int-weights --out imported",
+        "tensor 'model.norm.weight' is stored as I32; weights must be F32, F16 or BF16",
+    ),
+    (
+        "Hugging Face config setting that is not implemented",
+        "import-hf hf-sliding-window --out imported",
+        "sliding_window",
+    ),
+    (
+        "import to a dtype that does not exist",
+        "import-hf hf-sliding-window --out imported --dtype f8",
+        "'f8' is not a weight dtype; use f32, f16 or bf16",
     ),
     (
         "export of truncated weights",

@@ -198,3 +198,51 @@ fn without_a_tokenizer_bytes_when_the_vocabulary_covers_them_else_ids() {
     let out = greedy(&small, &["--ids", "1,2"], 3);
     assert_eq!(out["new_tokens"].as_array().unwrap().len(), 3);
 }
+
+/// An import kept in bf16 says so in `inspect`; training on from it encodes the corpus with its
+/// tokenizer and carries the tokenizer into the run's checkpoints, which then encode prompts as
+/// the import did.
+#[test]
+fn bf16_import_and_its_tokenizer_carry_through_training() {
+    let tmp = tempfile::tempdir().unwrap();
+    let expected = json(&fixture().join("expected.json"));
+    let out = tmp.path().join("ckpt");
+    let out_s = out.display().to_string();
+    let hf = fixture().display().to_string();
+    let said = ok(&["import-hf", &hf, "--out", &out_s, "--dtype", "bf16"]);
+    assert!(said.contains("bf16") && !said.contains("f32"), "{said}");
+
+    let inspect: Value = serde_json::from_str(&ok(&["inspect", &out_s, "--json"])).unwrap();
+    let stored = inspect["stored"].as_array().unwrap();
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0]["dtype"], "bf16");
+    assert!(stored[0]["expert_bytes"].as_u64().unwrap() > 0);
+    let hf_inspect: Value = serde_json::from_str(&ok(&["inspect", &hf, "--json"])).unwrap();
+    assert_eq!(hf_inspect["stored"][0]["dtype"], "f32");
+    assert_eq!(
+        hf_inspect["stored"][0]["expert_bytes"].as_u64().unwrap(),
+        2 * stored[0]["expert_bytes"].as_u64().unwrap()
+    );
+
+    let run = tmp.path().join("run").display().to_string();
+    ok(&[
+        "train",
+        "--from",
+        &out_s,
+        "--out",
+        &run,
+        "--steps",
+        "2",
+        "--seq-len",
+        "16",
+        "--batch-size",
+        "2",
+        "--quiet",
+    ]);
+    let latest = fs::read_to_string(tmp.path().join("run/latest")).unwrap();
+    let trained = tmp.path().join("run").join(latest.trim());
+    assert!(trained.join("hf-tokenizer/tokenizer.json").is_file());
+    let prompt = expected["prompt"].as_str().unwrap();
+    let got = greedy(&trained.display().to_string(), &["--prompt", prompt], 2);
+    assert_eq!(ids(&got["prompt_tokens"]), ids(&expected["prompt_ids"]));
+}

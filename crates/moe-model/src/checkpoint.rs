@@ -12,11 +12,13 @@ use burn::module::Module;
 use burn::prelude::*;
 use burn::store::ModuleRecord;
 use burn::store::{ModuleSnapshot, SafetensorsStore};
+use burn::tensor::DType;
 
 use crate::config::ModelConfig;
 use crate::durable;
 use crate::error::{ModelError, Result};
 use crate::model::MoeLm;
+use crate::weights;
 
 /// The model configuration file.
 pub const CONFIG_FILE: &str = "config.json";
@@ -78,11 +80,7 @@ impl CheckpointWriter {
     /// Writes the config and the weights.
     pub fn write_model(&self, model: &MoeLm) -> Result<()> {
         self.write_text(CONFIG_FILE, &model.config.to_json())?;
-        let path = self.staging.join(WEIGHTS_FILE);
-        model
-            .clone()
-            .save_file(&path)
-            .map_err(|e| ModelError::checkpoint(&path, format!("cannot write weights: {e}")))
+        weights::save_burnpack(model, &self.staging.join(WEIGHTS_FILE))
     }
 
     /// Writes a value as pretty JSON.
@@ -211,24 +209,10 @@ pub fn save(
     tokenizer: Option<&serde_json::Value>,
     overwrite: bool,
 ) -> Result<PathBuf> {
-    save_with(dir, model, tokenizer, &[], overwrite)
-}
-
-/// [`save`] with extra JSON files (name, content) in the checkpoint.
-pub fn save_with(
-    dir: &Path,
-    model: &MoeLm,
-    tokenizer: Option<&serde_json::Value>,
-    extra: &[(&str, serde_json::Value)],
-    overwrite: bool,
-) -> Result<PathBuf> {
     let writer = CheckpointWriter::new(dir)?;
     writer.write_model(model)?;
     if let Some(t) = tokenizer {
         writer.write_json(TOKENIZER_FILE, t)?;
-    }
-    for (name, value) in extra {
-        writer.write_json(name, value)?;
     }
     writer.commit(overwrite)
 }
@@ -276,27 +260,39 @@ pub fn load_config(dir: &Path) -> Result<ModelConfig> {
 }
 
 /// Loads a checkpoint directory onto `device`, validating config and weights against each other.
+/// Weights stored in another dtype (an import kept in bf16, say) are converted to f32, the
+/// dtype the model computes in, one tensor at a time.
 pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {
+    load_as(dir, device, Some(DType::F32))
+}
+
+/// [`load`] with the weights in `dtype`, or with `None` as stored.
+///
+/// The model is built from the stored tensors directly: nothing is drawn at random first, and
+/// the weights file is read tensor by tensor, so peak memory is the model plus one tensor.
+pub fn load_as(dir: &Path, device: &Device, dtype: Option<DType>) -> Result<Checkpoint> {
     let config = load_config(dir)?;
-    let model = load_weights(config.init(device)?, &dir.join(WEIGHTS_FILE))?;
-    let tokenizer_path = dir.join(TOKENIZER_FILE);
-    let tokenizer = if tokenizer_path.exists() {
-        let text =
-            fs::read_to_string(&tokenizer_path).map_err(|e| ModelError::io(&tokenizer_path, e))?;
-        Some(
-            serde_json::from_str(&text).map_err(|source| ModelError::Json {
-                path: tokenizer_path,
-                source,
-            })?,
-        )
-    } else {
-        None
+    let model = load_weights(config.skeleton(device)?, &dir.join(WEIGHTS_FILE))?;
+    let model = match dtype {
+        Some(dtype) => weights::cast_floats(model, dtype),
+        None => model,
     };
     Ok(Checkpoint {
         model,
-        tokenizer,
+        tokenizer: load_tokenizer_spec(dir)?,
         dir: dir.to_path_buf(),
     })
+}
+
+/// The tokenizer description of checkpoint `dir` (its `tokenizer.json`), if it has one.
+pub fn load_tokenizer_spec(dir: &Path) -> Result<Option<serde_json::Value>> {
+    let path = dir.join(TOKENIZER_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = fs::read_to_string(&path).map_err(|e| ModelError::io(&path, e))?;
+    let spec = serde_json::from_str(&text).map_err(|source| ModelError::Json { path, source })?;
+    Ok(Some(spec))
 }
 
 /// Loads weights from a burnpack file into a module built from the matching config.

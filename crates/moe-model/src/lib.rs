@@ -31,6 +31,7 @@ pub mod merge;
 pub mod model;
 pub mod rope;
 pub mod upcycle;
+pub mod weights;
 
 pub use config::{FfnPlan, ModelConfig, QkNorm, SharedExpertConfig};
 pub use error::{ModelError, Result};

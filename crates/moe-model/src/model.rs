@@ -149,6 +149,15 @@ impl ModelConfig {
         init_drawn(device, None, || self.build(device))
     }
 
+    /// Builds the model after validating the configuration, with every parameter left lazy:
+    /// nothing is drawn or allocated until a parameter is set or first used. Loaders
+    /// ([`checkpoint::load`](crate::checkpoint::load), [`hf::import`](crate::hf::import)) fill
+    /// it straight from the stored tensors; [`unset_params`](crate::weights::unset_params)
+    /// names what they missed.
+    pub fn skeleton(&self, device: &Device) -> Result<MoeLm> {
+        self.build(device)
+    }
+
     fn build(&self, device: &Device) -> Result<MoeLm> {
         self.validate()?;
         let embed = EmbeddingConfig::new(self.vocab_size, self.d_model)

@@ -14,13 +14,14 @@ use std::sync::atomic::AtomicBool;
 use burn::prelude::*;
 use indicatif::MultiProgress;
 use moe_core::MoeLayerConfig;
-use moe_model::checkpoint;
+use moe_model::checkpoint::{self, CheckpointWriter, TOKENIZER_FILE};
 use moe_model::merge::{architecture_mismatch, merge};
 use moe_model::{ModelConfig, MoeLm};
 
 use crate::config::TrainConfig;
 use crate::data::Corpus;
 use crate::error::{DataError, Result, panic_message};
+use crate::hf_tokenizer::carry;
 use crate::merge_info::{ExpertSource, MERGE_FILE, MergeInfo};
 use crate::run::{RunDir, TrainerState};
 use crate::tokenizer::Tokenizer;
@@ -212,7 +213,8 @@ pub fn merge_checkpoints(
     Ok((model, tokenizer, MergeInfo { experts, seed }))
 }
 
-/// Writes a merged model as a checkpoint with its tokenizer and `merge.json`, atomically.
+/// Writes a merged model as a checkpoint with its tokenizer (the description and any files the
+/// first branch carries) and `merge.json`, atomically.
 pub fn save_merged(
     dir: &Path,
     model: &MoeLm,
@@ -220,12 +222,14 @@ pub fn save_merged(
     info: &MergeInfo,
     overwrite: bool,
 ) -> Result<PathBuf> {
-    let info = serde_json::to_value(info).expect("a merge description always serialises");
-    Ok(checkpoint::save_with(
-        dir,
-        model,
-        tokenizer,
-        &[(MERGE_FILE, info)],
-        overwrite,
-    )?)
+    let writer = CheckpointWriter::new(dir)?;
+    writer.write_model(model)?;
+    if let Some(spec) = tokenizer {
+        writer.write_json(TOKENIZER_FILE, spec)?;
+    }
+    writer.write_json(MERGE_FILE, info)?;
+    if let Some(first) = info.experts.first() {
+        carry(&first.checkpoint, writer.dir())?;
+    }
+    Ok(writer.commit(overwrite)?)
 }

@@ -168,6 +168,31 @@ impl Tokenizer for HfTokenizer {
     fn spec(&self) -> Value {
         json!({"kind": "hf", "dir": HF_TOKENIZER_DIR, "vocab_size": self.vocab_size()})
     }
+
+    fn files(&self) -> Option<&Path> {
+        Some(&self.dir)
+    }
+}
+
+/// The tokenizer of checkpoint `dir`: its Hugging Face tokenizer when it carries one (in
+/// [`HF_TOKENIZER_DIR`]), else the one its saved description `spec` names (bytes without one).
+pub fn for_checkpoint(dir: &Path, spec: Option<&Value>) -> Result<Box<dyn Tokenizer>> {
+    let hf = dir.join(HF_TOKENIZER_DIR);
+    if hf.join("tokenizer.json").is_file() {
+        return Ok(Box::new(HfTokenizer::from_dir(&hf)?));
+    }
+    crate::tokenizer::from_spec(spec)
+}
+
+/// Copies the tokenizer files checkpoint `from` carries (its [`HF_TOKENIZER_DIR`]) into the
+/// checkpoint being written in `to`; returns whether there were any.
+pub fn carry(from: &Path, to: &Path) -> Result<bool> {
+    let src = from.join(HF_TOKENIZER_DIR);
+    if !src.join("tokenizer.json").is_file() {
+        return Ok(false);
+    }
+    copy_files(&src, &to.join(HF_TOKENIZER_DIR))?;
+    Ok(true)
 }
 
 /// Copies the Hugging Face tokenizer files present in `from` into `to` (created), and returns

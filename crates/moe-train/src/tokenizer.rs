@@ -20,6 +20,11 @@ pub trait Tokenizer: Send + Sync {
     }
     /// The description saved as `tokenizer.json` in checkpoints.
     fn spec(&self) -> Value;
+    /// The directory of files a checkpoint must carry for this tokenizer to load again (a
+    /// Hugging Face tokenizer's), if any.
+    fn files(&self) -> Option<&std::path::Path> {
+        None
+    }
 }
 
 /// Byte-level tokenizer: ids 0..=255 are the UTF-8 bytes of the text;

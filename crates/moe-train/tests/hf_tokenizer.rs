@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use moe_train::HfTokenizer;
 use moe_train::chat::ChatMessage;
-use moe_train::hf_tokenizer::copy_files;
+use moe_train::hf_tokenizer::{HF_TOKENIZER_DIR, carry, copy_files, for_checkpoint};
 use moe_train::tokenizer::Tokenizer;
 use serde_json::{Value, json};
 
@@ -159,4 +159,41 @@ fn bad_files_are_one_line_errors() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("no chat template"), "{err}");
+}
+
+/// A checkpoint's tokenizer files travel to the checkpoint made from it (upcycle, merge), and
+/// the new checkpoint loads the same tokenizer; a checkpoint without them carries nothing.
+#[test]
+fn tokenizer_files_are_carried_between_checkpoints() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (from, to, bare) = (
+        tmp.path().join("from"),
+        tmp.path().join("to"),
+        tmp.path().join("bare"),
+    );
+    copy_files(&fixture(), &from.join(HF_TOKENIZER_DIR)).unwrap();
+    fs::create_dir_all(&to).unwrap();
+    fs::create_dir_all(&bare).unwrap();
+    assert!(carry(&from, &to).unwrap());
+    let (a, b) = (
+        for_checkpoint(&from, None).unwrap(),
+        for_checkpoint(&to, None).unwrap(),
+    );
+    let text = expected()["encodings"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(a.encode(&text), b.encode(&text));
+    assert_eq!(
+        b.vocab_size(),
+        expected()["vocab_size"].as_u64().unwrap() as usize
+    );
+    assert_eq!(b.spec()["kind"], "hf");
+
+    assert!(!carry(&bare, &to.join("nested")).unwrap());
+    assert_eq!(
+        for_checkpoint(&bare, None).unwrap().vocab_size(),
+        258,
+        "bytes"
+    );
 }

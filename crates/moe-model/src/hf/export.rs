@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use burn::module::Param;
 use burn::nn::Linear;
 use burn::prelude::*;
+use burn::tensor::DType;
 use moe_core::RouterKind;
 use safetensors::{Dtype, tensor::TensorView};
 use serde_json::json;
@@ -116,7 +117,7 @@ pub fn mixtral_refusal(config: &ModelConfig) -> Option<String> {
 }
 
 /// The Mixtral `config.json` of `config`.
-fn mixtral_config(config: &ModelConfig) -> serde_json::Value {
+fn mixtral_config(config: &ModelConfig, dtype: &str) -> serde_json::Value {
     json!({
         "architectures": ["MixtralForCausalLM"],
         "model_type": "mixtral",
@@ -141,25 +142,47 @@ fn mixtral_config(config: &ModelConfig) -> serde_json::Value {
         "router_jitter_noise": 0.0,
         "tie_word_embeddings": config.tie_embeddings,
         "use_cache": true,
-        "torch_dtype": "float32",
-        "dtype": "float32",
+        "torch_dtype": dtype,
+        "dtype": dtype,
     })
 }
 
-/// Named f32 tensors in `[out, in]` orientation, collected for one safetensors file.
+/// Named tensors in `[out, in]` orientation, in the model's dtypes, collected for one
+/// safetensors file.
 #[derive(Default)]
-struct Tensors(Vec<(String, Vec<usize>, Vec<u8>)>);
+struct Tensors(Vec<(String, Vec<usize>, Dtype, Vec<u8>)>);
 
 impl Tensors {
     fn push<const D: usize>(&mut self, name: String, t: Tensor<D>) -> Result<()> {
         let shape = t.dims().to_vec();
-        let values = t
-            .into_data()
-            .try_into_vec_as::<f32>()
-            .map_err(|e| ModelError::Config(format!("{name}: not float data ({e:?})")))?;
-        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.0.push((name, shape, bytes));
+        let data = t.into_data();
+        let dtype = match data.dtype() {
+            DType::F32 => Dtype::F32,
+            DType::F16 => Dtype::F16,
+            DType::BF16 => Dtype::BF16,
+            other => {
+                return Err(ModelError::Config(format!(
+                    "{name}: {other:?} weights cannot be exported"
+                )));
+            }
+        };
+        self.0
+            .push((name, shape, dtype, data.into_bytes().to_vec()));
         Ok(())
+    }
+
+    /// The `torch_dtype` of the file: that of most of its bytes.
+    fn torch_dtype(&self) -> &'static str {
+        let bytes =
+            |d: Dtype| -> usize { self.0.iter().filter(|t| t.2 == d).map(|t| t.3.len()).sum() };
+        [
+            (Dtype::F32, "float32"),
+            (Dtype::BF16, "bfloat16"),
+            (Dtype::F16, "float16"),
+        ]
+        .into_iter()
+        .max_by_key(|(d, _)| bytes(*d))
+        .map_or("float32", |(_, name)| name)
     }
 
     /// Our linear `[in, out]` as `{prefix}.weight` `[out, in]`; a bias is refused.
@@ -180,8 +203,8 @@ impl Tensors {
         let views = self
             .0
             .iter()
-            .map(|(name, shape, bytes)| {
-                TensorView::new(Dtype::F32, shape.clone(), bytes)
+            .map(|(name, shape, dtype, bytes)| {
+                TensorView::new(*dtype, shape.clone(), bytes)
                     .map(|v| (name.clone(), v))
                     .map_err(|e| ModelError::checkpoint(path, format!("tensor '{name}': {e}")))
             })
@@ -305,10 +328,13 @@ pub fn export_mixtral(model: &MoeLm, dir: &Path, extra: Option<&Path>) -> Result
     let mut guard = Staging(staging.clone(), false);
 
     let weights = staging.join("model.safetensors");
-    let bytes = mixtral_tensors(model)?.serialize(&weights)?;
+    let tensors = mixtral_tensors(model)?;
+    let dtype = tensors.torch_dtype();
+    let bytes = tensors.serialize(&weights)?;
+    drop(tensors);
     fs::write(&weights, bytes).map_err(|e| ModelError::io(&weights, e))?;
     let config = staging.join("config.json");
-    let text = serde_json::to_string_pretty(&mixtral_config(&model.config))
+    let text = serde_json::to_string_pretty(&mixtral_config(&model.config, dtype))
         .expect("JSON values serialise");
     fs::write(&config, text).map_err(|e| ModelError::io(&config, e))?;
     if let Some(extra) = extra.filter(|p| p.is_dir()) {

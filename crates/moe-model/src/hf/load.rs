@@ -57,27 +57,39 @@ pub(super) enum ExpertLayout<'a> {
 }
 
 impl HfTensors {
-    /// Whether the checkpoint holds `name`.
-    pub(super) fn has(&self, name: &str) -> bool {
-        self.index.contains_key(name)
-    }
-
-    /// A tensor of any rank on `device`, checked against `shape`.
+    /// A tensor of any rank on `device`, in the import's dtype, checked against `shape`.
     pub(super) fn tensor<const D: usize>(
         &mut self,
         name: &str,
         shape: [usize; D],
         device: &Device,
     ) -> Result<Tensor<D>> {
-        let v = self.get(name, &shape)?;
-        Ok(Tensor::<1>::from_floats(v.as_slice(), device).reshape(shape))
+        let data = self.data(name, &shape)?;
+        Ok(Tensor::from_data(data, (device, self.dtype())))
+    }
+
+    /// A Hugging Face linear `[out, in]` as our `[in, out]`.
+    fn linear(
+        &mut self,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+        device: &Device,
+    ) -> Result<Param<Tensor<2>>> {
+        Ok(Param::from_tensor(
+            self.tensor(name, [d_out, d_in], device)?.transpose(),
+        ))
+    }
+
+    fn vector(&mut self, name: &str, n: usize, device: &Device) -> Result<Param<Tensor<1>>> {
+        Ok(Param::from_tensor(self.tensor(name, [n], device)?))
     }
 
     /// `{prefix}.weight` (and `{prefix}.bias` where the layer has one) into a linear layer of
     /// the expected shape.
     pub(super) fn load_linear(&mut self, prefix: &str, linear: &mut Linear) -> Result<()> {
-        let [d_in, d_out] = linear.weight.shape().dims();
-        let device = linear.weight.val().device();
+        let [d_in, d_out] = linear.weight.lazy_shape().dims();
+        let device = linear.weight.lazy_device();
         linear.weight = self.linear(&format!("{prefix}.weight"), d_in, d_out, &device)?;
         if let Some(bias) = &mut linear.bias {
             *bias = self.vector(&format!("{prefix}.bias"), d_out, &device)?;
@@ -86,8 +98,8 @@ impl HfTensors {
     }
 
     pub(super) fn load_norm(&mut self, prefix: &str, norm: &mut RmsNorm) -> Result<()> {
-        let [n] = norm.gamma.shape().dims();
-        let device = norm.gamma.val().device();
+        let [n] = norm.gamma.lazy_shape().dims();
+        let device = norm.gamma.lazy_device();
         norm.gamma = self.vector(&format!("{prefix}.weight"), n, &device)?;
         Ok(())
     }
@@ -133,8 +145,8 @@ impl HfTensors {
         layout: ExpertLayout,
         experts: &mut Experts,
     ) -> Result<()> {
-        let [e, d, f] = experts.w_gate.shape().dims();
-        let device = experts.w_gate.val().device();
+        let [e, d, f] = experts.w_gate.lazy_shape().dims();
+        let device = experts.w_gate.lazy_device();
         match layout {
             ExpertLayout::PerExpert { gate, up, down } => {
                 // gate and up are [f, d]: transposed to [d, f]; down is [d, f] -> [f, d].
@@ -143,7 +155,7 @@ impl HfTensors {
                         .map(|j| {
                             let name = format!("{prefix}.{j}.{w}.weight");
                             Ok(self
-                                .matrix(&name, rows, cols, &device)?
+                                .tensor(&name, [rows, cols], &device)?
                                 .transpose()
                                 .unsqueeze_dim(0))
                         })

@@ -12,6 +12,7 @@ use super::job::TrainJob;
 use super::optimizer::optimizer;
 use crate::config::TrainConfig;
 use crate::error::{DataError, Result};
+use crate::hf_tokenizer::{HF_TOKENIZER_DIR, copy_files};
 use crate::merge_info::{MERGE_FILE, MergeInfo};
 use crate::run::{OPTIMIZER_FILE, RunDir, STATE_FILE, TrainerState};
 
@@ -28,6 +29,9 @@ pub(super) fn save_checkpoint(
     let writer = CheckpointWriter::new(&target)?;
     writer.write_model(&model.valid())?;
     writer.write_json(TOKENIZER_FILE, &job.tokenizer.spec())?;
+    if let Some(files) = job.tokenizer.files() {
+        copy_files(files, &writer.dir().join(HF_TOKENIZER_DIR))?;
+    }
     if let Some(info) = merge {
         writer.write_json(MERGE_FILE, info)?;
     }
