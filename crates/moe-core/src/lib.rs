@@ -23,6 +23,7 @@
 #![warn(missing_docs)]
 
 pub mod accounting;
+pub mod cache;
 pub mod device;
 pub mod dispatch;
 pub mod error;
@@ -37,6 +38,7 @@ pub mod stats;
 pub mod testing;
 
 pub use accounting::{Accounting, WeightDType};
+pub use cache::{CachePolicy, CacheStats, ExpertCache, ExpertKey};
 pub use device::{DeviceSpec, WgpuAdapter, parse_device};
 pub use error::{ConfigError, DeviceError};
 pub use experts::{Experts, ExpertsConfig};
