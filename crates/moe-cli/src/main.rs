@@ -4,6 +4,7 @@
 mod args;
 mod bench_cmd;
 mod branch_cmds;
+mod budget;
 mod inspect;
 mod model_cmds;
 mod prompt;

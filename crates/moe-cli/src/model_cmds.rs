@@ -13,6 +13,7 @@ use moe_model::{checkpoint, hf, upcycle as up, weights};
 use moe_train::HfTokenizer;
 use moe_train::hf_tokenizer::{self, HF_TOKENIZER_DIR};
 
+use crate::budget::BudgetArgs;
 use crate::prompt::{Codec, PromptArgs};
 
 /// Arguments of `moe generate`.
@@ -46,12 +47,14 @@ pub struct GenerateArgs {
     /// Device.
     #[arg(long, default_value = "flex")]
     device: String,
+    #[command(flatten)]
+    budget: BudgetArgs,
 }
 
 /// Runs `moe generate`.
 pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let device = crate::device(&a.device)?;
-    let ckpt = checkpoint::load(&a.checkpoint, &device)?;
+    let (ckpt, store) = a.budget.load(&a.checkpoint, &device)?;
     let vocab_size = ckpt.model.config.vocab_size;
     let codec = Codec::for_checkpoint(&ckpt)?;
     let prompt = codec.tokens(&a.prompt, vocab_size, &ckpt.dir)?;
@@ -66,13 +69,25 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         }
     };
     let eos = codec.eos(vocab_size);
+    let start = std::time::Instant::now();
     let new = run_generate(&ckpt.model, &prompt, a.max_new_tokens, &sampling, &eos)?;
+    let seconds = start.elapsed().as_secs_f64();
     let text = codec.decode(&new);
     if a.json {
-        println!(
-            "{}",
-            serde_json::json!({"prompt_tokens": prompt, "new_tokens": new, "text": text})
-        );
+        let mut out = serde_json::json!({
+            "prompt_tokens": prompt,
+            "new_tokens": new,
+            "text": text,
+            "seconds": seconds,
+            "tokens_per_second": new.len() as f64 / seconds.max(1e-9),
+        });
+        if let Some(store) = &store {
+            let stats = store.stats();
+            out["expert_store"] = serde_json::to_value(stats)?;
+            out["expert_store"]["hit_rate"] =
+                (stats.hits as f64 / (stats.hits + stats.misses).max(1) as f64).into();
+        }
+        println!("{out}");
     } else {
         println!("{}{}", a.prompt.echo(), text);
     }
@@ -89,12 +104,14 @@ pub struct LogitsArgs {
     /// Device.
     #[arg(long, default_value = "flex")]
     device: String,
+    #[command(flatten)]
+    budget: BudgetArgs,
 }
 
 /// Runs `moe logits`.
 pub fn logits(a: LogitsArgs) -> anyhow::Result<()> {
     let device = crate::device(&a.device)?;
-    let ckpt = checkpoint::load(&a.checkpoint, &device)?;
+    let (ckpt, _) = a.budget.load(&a.checkpoint, &device)?;
     let config = &ckpt.model.config;
     let tokens = Codec::for_checkpoint(&ckpt)?.tokens(&a.prompt, config.vocab_size, &ckpt.dir)?;
     // Ids past the vocabulary (given, or from a tokenizer larger than the model's) are refused.

@@ -344,13 +344,15 @@ pub struct EvalArgs {
     /// untrained), this many random draws each.
     #[arg(long, default_value_t = 0)]
     controls: u64,
+    #[command(flatten)]
+    budget: crate::budget::BudgetArgs,
 }
 
 /// Runs `moe eval`.
 pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let device = crate::device(&a.device)?;
     let dir = resolve_checkpoint(&a.checkpoint)?;
-    let ckpt = checkpoint::load(&dir, &device)?;
+    let (ckpt, _) = a.budget.load(&dir, &device)?;
     let tokenizer = moe_train::hf_tokenizer::for_checkpoint(&dir, ckpt.tokenizer.as_ref())?;
     let defaults = TrainConfig::new();
     let (corpus, _) = corpus(a.data.as_deref(), &defaults, tokenizer.as_ref())?;

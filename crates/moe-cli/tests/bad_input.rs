@@ -417,6 +417,16 @@ const CASES: &[(&str, &str, &str)] = &[
         "'f8' is not a weight dtype; use f32, f16 or bf16",
     ),
     (
+        "expert budget below one token's experts",
+        "generate ckpt --prompt hi --expert-budget 1KiB",
+        "one token needs its top-2 at once, so the budget must be at least 24576 bytes",
+    ),
+    (
+        "expert cache policy that cannot run",
+        "generate ckpt --prompt hi --expert-budget 1MiB --expert-cache belady",
+        "belady needs the future",
+    ),
+    (
         "export of truncated weights",
         "export truncated --out w.safetensors",
         "truncated/model.bpk",

@@ -224,6 +224,28 @@ fn bf16_import_and_its_tokenizer_carry_through_training() {
         2 * stored[0]["expert_bytes"].as_u64().unwrap()
     );
 
+    // Paged: two experts of 6 KiB resident (the top-2), the rest read when routed; the same
+    // tokens as fully resident.
+    let prompt = expected["prompt"].as_str().unwrap();
+    let resident = greedy(&out_s, &["--prompt", prompt], 12);
+    let paged = greedy(
+        &out_s,
+        &[
+            "--prompt",
+            prompt,
+            "--expert-budget",
+            "12KiB",
+            "--expert-cache",
+            "lfu",
+        ],
+        12,
+    );
+    assert_eq!(paged["new_tokens"], resident["new_tokens"]);
+    let store = &paged["expert_store"];
+    assert_eq!(store["capacity"], 2, "{store}");
+    assert!(store["misses"].as_u64().unwrap() > 0, "{store}");
+    assert!(resident.get("expert_store").is_none());
+
     let run = tmp.path().join("run").display().to_string();
     ok(&[
         "train",
@@ -242,7 +264,6 @@ fn bf16_import_and_its_tokenizer_carry_through_training() {
     let latest = fs::read_to_string(tmp.path().join("run/latest")).unwrap();
     let trained = tmp.path().join("run").join(latest.trim());
     assert!(trained.join("hf-tokenizer/tokenizer.json").is_file());
-    let prompt = expected["prompt"].as_str().unwrap();
     let got = greedy(&trained.display().to_string(), &["--prompt", prompt], 2);
     assert_eq!(ids(&got["prompt_tokens"]), ids(&expected["prompt_ids"]));
 }

@@ -31,7 +31,30 @@ pub struct ExpertsConfig {
     pub initializer: Initializer,
 }
 
+/// One expert's weights: `w_gate`, `w_up` `[d_model, d_ff]` and `w_down` `[d_ff, d_model]`.
+#[derive(Debug, Clone)]
+pub struct ExpertWeights {
+    /// Gate projection `[d_model, d_ff]`.
+    pub w_gate: Tensor<2>,
+    /// Up projection `[d_model, d_ff]`.
+    pub w_up: Tensor<2>,
+    /// Down projection `[d_ff, d_model]`.
+    pub w_down: Tensor<2>,
+}
+
+/// Where a paged bank obtains its experts: an expert store that keeps some of them resident
+/// under a budget and fetches the others when routed (see `moe-model`'s store). Called once
+/// per expert a forward pass routes to, possibly from several threads at once.
+pub trait ExpertSource: Send + Sync + std::fmt::Debug {
+    /// Expert `e`'s weights on `device`.
+    fn expert(&self, e: usize, device: &Device) -> ExpertWeights;
+}
+
 /// E SwiGLU experts: expert e computes `silu(x W_gate[e]) * (x W_up[e]) W_down[e]`.
+///
+/// A bank is resident (its stacked parameters hold every expert) or paged: with a
+/// [`source`](Self::source), its parameters stay lazy and unallocated, and each forward pass
+/// asks the source for the experts it routes to. Paged banks run exact segments, inference only.
 #[derive(Module, Debug)]
 pub struct Experts {
     /// Gate projections `[E, d_model, d_ff]`.
@@ -40,6 +63,9 @@ pub struct Experts {
     pub w_up: Param<Tensor<3>>,
     /// Down projections `[E, d_ff, d_model]`.
     pub w_down: Param<Tensor<3>>,
+    /// The store a paged bank fetches experts from; `None` for a resident bank.
+    #[module(skip)]
+    pub source: Option<std::sync::Arc<dyn ExpertSource>>,
 }
 
 impl ExpertsConfig {
@@ -54,6 +80,7 @@ impl ExpertsConfig {
             w_gate: init([e, d, f], d, f),
             w_up: init([e, d, f], d, f),
             w_down: init([e, f, d], f, d),
+            source: None,
         }
     }
 
@@ -66,7 +93,17 @@ impl ExpertsConfig {
 impl Experts {
     /// Number of experts.
     pub fn n_experts(&self) -> usize {
-        self.w_gate.shape().dims::<3>()[0]
+        self.w_gate.lazy_shape().dims::<3>()[0]
+    }
+
+    /// `[n_experts, d_model, d_ff]`, without drawing or fetching a weight.
+    pub fn dims(&self) -> [usize; 3] {
+        self.w_gate.lazy_shape().dims()
+    }
+
+    /// Whether the experts come from a [`source`](Self::source) rather than the parameters.
+    pub fn is_paged(&self) -> bool {
+        self.source.is_some()
     }
 
     /// All experts at once on a padded buffer: expert e processes row block e.
@@ -108,7 +145,7 @@ impl Experts {
             "expert segments are inference-only: on an autodiff device use ExpertCompute::Auto \
              or Padded"
         );
-        let [_, d, f] = self.w_gate.shape().dims();
+        let [_, d, f] = self.dims();
         let starts = counts.iter().scan(0, |next, &c| {
             *next += c;
             Some(*next - c)
@@ -119,6 +156,7 @@ impl Experts {
             .filter(|(_, (_, c))| **c > 0)
             .map(|(i, (start, c))| (i, start..start + c))
             .collect();
+
         let chain =
             |(i, rows): &(usize, Range<usize>)| self.chain(*i, x.clone().slice(rows.clone()));
         let macs = 3 * x.dims()[0] * d * f;
@@ -137,10 +175,24 @@ impl Experts {
     ///
     /// rows: `[n, d_model]` -> `[n, d_model]`
     fn chain(&self, i: usize, rows: Tensor<2>) -> Tensor<2> {
-        let [_, d, f] = self.w_gate.shape().dims();
-        let expert = |w: &Param<Tensor<3>>, a, b| w.val().slice(i..i + 1).reshape([a, b]);
-        let gate = silu(rows.clone().matmul(expert(&self.w_gate, d, f))); // [n, f]
-        let up = rows.matmul(expert(&self.w_up, d, f)); // [n, f]
-        (gate * up).matmul(expert(&self.w_down, f, d)) // [n, d]
+        let w = self.expert(i, &rows.device());
+        let gate = silu(rows.clone().matmul(w.w_gate)); // [n, f]
+        let up = rows.matmul(w.w_up); // [n, f]
+        (gate * up).matmul(w.w_down) // [n, d]
+    }
+
+    /// Expert i's weights: from the source of a paged bank, else sliced out of the stacked
+    /// parameters.
+    pub fn expert(&self, i: usize, device: &Device) -> ExpertWeights {
+        if let Some(source) = &self.source {
+            return source.expert(i, device);
+        }
+        let [_, d, f] = self.dims();
+        let slice = |w: &Param<Tensor<3>>, a, b| w.val().slice(i..i + 1).reshape([a, b]);
+        ExpertWeights {
+            w_gate: slice(&self.w_gate, d, f),
+            w_up: slice(&self.w_up, d, f),
+            w_down: slice(&self.w_down, f, d),
+        }
     }
 }

@@ -384,6 +384,14 @@ impl MoeLayer {
     /// bank-sized gradient per expert in the backward pass; [`ExpertCompute::Auto`] bounds the
     /// padding there instead.
     pub fn layout_choice(&self, training: bool) -> LayoutChoice {
+        if self.experts.is_paged() {
+            // A paged bank fetches experts one by one: exact segments, whatever the setting.
+            assert!(
+                !training && self.capacity_factor.is_none(),
+                "a paged expert bank is dropless and inference-only"
+            );
+            return LayoutChoice::DroplessSegments;
+        }
         match (self.capacity_factor, self.compute) {
             (Some(cf), _) => LayoutChoice::Capacity(cf),
             (None, ExpertCompute::Padded) => LayoutChoice::DroplessPadded,

@@ -5,8 +5,10 @@
 //! disk and renamed into place only once complete, so a crash or a power cut never leaves a
 //! partial checkpoint under the final name.
 
+use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use burn::module::Module;
 use burn::prelude::*;
@@ -14,10 +16,12 @@ use burn::store::ModuleRecord;
 use burn::store::{ModuleSnapshot, SafetensorsStore};
 use burn::tensor::DType;
 
+use crate::block::Ffn;
 use crate::config::ModelConfig;
 use crate::durable;
 use crate::error::{ModelError, Result};
 use crate::model::MoeLm;
+use crate::store::{ColdLayer, ColdWeight, ExpertStore, LayerSource, StoreConfig};
 use crate::weights;
 
 /// The model configuration file.
@@ -282,6 +286,81 @@ pub fn load_as(dir: &Path, device: &Device, dtype: Option<DType>) -> Result<Chec
         tokenizer: load_tokenizer_spec(dir)?,
         dir: dir.to_path_buf(),
     })
+}
+
+/// Loads a checkpoint directory onto `device` with its routed experts paged: they stay in the
+/// weights file, and an [`ExpertStore`] keeps at most `config.budget_bytes` of them resident,
+/// reading the others when routed. Everything else is loaded as [`load`] does, in f32. The
+/// model computes the same logits as a resident one running exact segments.
+///
+/// Refused for a capacity-limited MoE (paging runs dropless segments) and a model without MoE
+/// layers.
+pub fn load_paged(
+    dir: &Path,
+    device: &Device,
+    config: StoreConfig,
+) -> Result<(Checkpoint, Arc<ExpertStore>)> {
+    let model_config = load_config(dir)?;
+    if model_config.moe.capacity_factor.is_some() {
+        return Err(ModelError::Config(
+            "an expert budget needs a dropless model; this one has a capacity factor".into(),
+        ));
+    }
+    let path = dir.join(WEIGHTS_FILE);
+    let is_expert = |name: &str| name.contains("experts.w_");
+    let (mut model, cold) = weights::load_burnpack_except(
+        model_config.skeleton(device)?,
+        &path,
+        DType::F32,
+        is_expert,
+    )?;
+    let mut by_name: HashMap<String, burn_pack::Tensor> = cold.into_iter().collect();
+    let mut layers = Vec::new();
+    let mut take = |prefix: &str, w: &str| -> Result<ColdWeight> {
+        let name = format!("{prefix}.{w}");
+        let t = by_name
+            .remove(&name)
+            .ok_or_else(|| ModelError::checkpoint(&path, format!("'{name}' is missing")))?;
+        let [_, rows, cols] = t.shape.dims();
+        let dtype = t.dtype;
+        let bytes = t
+            .into_bytes()
+            .map_err(|e| ModelError::checkpoint(&path, format!("'{name}': {e}")))?;
+        Ok(ColdWeight {
+            bytes,
+            dtype,
+            rows,
+            cols,
+        })
+    };
+    let mut prefixes = Vec::new();
+    for (i, block) in model.blocks.iter().enumerate() {
+        if let Ffn::Moe(_) = block.ffn {
+            let prefix = format!("blocks.{i}.ffn.Moe.experts");
+            layers.push(ColdLayer {
+                w_gate: take(&prefix, "w_gate")?,
+                w_up: take(&prefix, "w_up")?,
+                w_down: take(&prefix, "w_down")?,
+            });
+            prefixes.push(i);
+        }
+    }
+    let top_k = model_config.moe.router.top_k;
+    let store = Arc::new(ExpertStore::new(layers, config, DType::F32, top_k)?);
+    for (layer, i) in prefixes.into_iter().enumerate() {
+        if let Ffn::Moe(moe) = &mut model.blocks[i].ffn {
+            moe.experts.source = Some(Arc::new(LayerSource {
+                store: store.clone(),
+                layer,
+            }));
+        }
+    }
+    let ckpt = Checkpoint {
+        model,
+        tokenizer: load_tokenizer_spec(dir)?,
+        dir: dir.to_path_buf(),
+    };
+    Ok((ckpt, store))
 }
 
 /// The tokenizer description of checkpoint `dir` (its `tokenizer.json`), if it has one.

@@ -30,6 +30,7 @@ pub mod hf;
 pub mod merge;
 pub mod model;
 pub mod rope;
+pub mod store;
 pub mod upcycle;
 pub mod weights;
 

@@ -69,6 +69,7 @@ fn stack_ffns(ffns: &[&SwiGluFfn]) -> Experts {
         w_gate: stack(&|f| f.w_gate.weight.val()),
         w_up: stack(&|f| f.w_up.weight.val()),
         w_down: stack(&|f| f.w_down.weight.val()),
+        source: None,
     }
 }
 

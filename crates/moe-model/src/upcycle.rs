@@ -32,6 +32,7 @@ pub fn replicate(ffn: &SwiGluFfn, n_experts: usize, noise: f64) -> Experts {
         w_gate: copies(ffn.w_gate.weight.val()),
         w_up: copies(ffn.w_up.weight.val()),
         w_down: copies(ffn.w_down.weight.val()),
+        source: None,
     }
 }
 

@@ -8,9 +8,9 @@
 
 use std::path::Path;
 
-use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::prelude::*;
-use burn::tensor::DType;
+use burn::tensor::{DType, TensorData};
 
 use crate::error::{ModelError, Result};
 
@@ -58,6 +58,102 @@ impl ModuleVisitor for Deferred {
             byte_len,
             provider,
         ));
+    }
+}
+
+/// Loads a burnpack file into `module` (built lazily, see
+/// [`ModelConfig::skeleton`](crate::ModelConfig::skeleton)), every parameter in `dtype`, except
+/// the parameters whose path `keep_cold` accepts: those stay lazy and unallocated, and their
+/// file-backed tensors are returned by path, unread. Missing, unused and misshapen tensors are
+/// errors naming them.
+pub fn load_burnpack_except<M: Module>(
+    module: M,
+    path: &Path,
+    dtype: DType,
+    keep_cold: impl Fn(&str) -> bool,
+) -> Result<(M, Vec<(String, burn_pack::Tensor)>)> {
+    let bad = |problem: String| ModelError::checkpoint(path, problem);
+    let tensors = burn_pack::Reader::from_file(path)
+        .and_then(burn_pack::Reader::into_tensors)
+        .map_err(|e| bad(format!("not a readable burnpack weights file ({e})")))?;
+    let mut load = Load {
+        path: Vec::new(),
+        tensors: tensors.into_iter().map(|t| (t.name.clone(), t)).collect(),
+        dtype,
+        keep_cold: &keep_cold,
+        cold: Vec::new(),
+        problems: Vec::new(),
+    };
+    let module = module.map(&mut load);
+    let mut unused: Vec<&String> = load.tensors.keys().collect();
+    unused.sort();
+    if let Some(name) = unused.first() {
+        load.problems.push(format!("'{name}' matches no parameter"));
+    }
+    match load.problems.first() {
+        Some(p) => Err(bad(format!("weights do not fit the config ({p})"))),
+        None => Ok((module, load.cold)),
+    }
+}
+
+struct Load<'a> {
+    path: Vec<String>,
+    tensors: std::collections::HashMap<String, burn_pack::Tensor>,
+    dtype: DType,
+    keep_cold: &'a dyn Fn(&str) -> bool,
+    cold: Vec<(String, burn_pack::Tensor)>,
+    problems: Vec<String>,
+}
+
+impl ModuleMapper for Load<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let name = self.path.join(".");
+        let Some(stored) = self.tensors.remove(&name) else {
+            self.problems.push(format!("'{name}' is missing"));
+            return param;
+        };
+        if stored.shape != param.lazy_shape() {
+            self.problems.push(format!(
+                "'{name}' is {:?}, the config needs {:?}",
+                stored.shape,
+                param.lazy_shape()
+            ));
+            return param;
+        }
+        if (self.keep_cold)(&name) {
+            self.cold.push((name, stored));
+            return param;
+        }
+        let id = stored
+            .param_id
+            .map(ParamId::from)
+            .unwrap_or_else(ParamId::new);
+        let (_, dtype, shape, _, bytes) = match stored.into_parts() {
+            Ok(parts) => parts,
+            Err(e) => {
+                self.problems.push(format!("'{name}': {e}"));
+                return param;
+            }
+        };
+        let device = param.lazy_device();
+        let value: Tensor<D> = Tensor::from_data(
+            TensorData::from_bytes(bytes, shape, dtype),
+            (&device, dtype),
+        );
+        let value = if dtype == self.dtype {
+            value
+        } else {
+            value.cast(self.dtype).detach()
+        };
+        param.transform_for_load(value, id)
     }
 }
 

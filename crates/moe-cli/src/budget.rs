@@ -1,0 +1,53 @@
+//! `--expert-budget` and `--expert-cache`: running a checkpoint with its routed experts paged.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use burn::prelude::*;
+use clap::Args;
+use moe_core::CachePolicy;
+use moe_model::checkpoint::{self, Checkpoint};
+use moe_model::store::{ExpertStore, StoreConfig, parse_size};
+
+/// How much of a model's routed experts stays resident.
+#[derive(Args, Debug, Clone)]
+pub struct BudgetArgs {
+    /// Keep at most SIZE of routed-expert weights resident (e.g. 512MiB, 2GiB); the others are
+    /// read from the checkpoint's weights file when routed. Default: every expert resident.
+    #[arg(long, value_parser = parse_size)]
+    expert_budget: Option<usize>,
+    /// Which resident expert a full budget gives up: lru or lfu.
+    #[arg(long, default_value = "lru", value_parser = parse_policy, requires = "expert_budget")]
+    expert_cache: CachePolicy,
+}
+
+fn parse_policy(s: &str) -> Result<CachePolicy, String> {
+    match CachePolicy::parse(s) {
+        Some(CachePolicy::Belady) => {
+            Err("belady needs the future; it is for `moe cache-sim`".into())
+        }
+        Some(policy) => Ok(policy),
+        None => Err(format!("'{s}' is not a cache policy; use lru or lfu")),
+    }
+}
+
+impl BudgetArgs {
+    /// Loads checkpoint `dir` on `device`: fully resident, or paged under the budget.
+    pub fn load(
+        &self,
+        dir: &Path,
+        device: &Device,
+    ) -> anyhow::Result<(Checkpoint, Option<Arc<ExpertStore>>)> {
+        Ok(match self.expert_budget {
+            None => (checkpoint::load(dir, device)?, None),
+            Some(budget_bytes) => {
+                let config = StoreConfig {
+                    budget_bytes,
+                    policy: self.expert_cache,
+                };
+                let (ckpt, store) = checkpoint::load_paged(dir, device, config)?;
+                (ckpt, Some(store))
+            }
+        })
+    }
+}

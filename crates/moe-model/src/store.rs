@@ -1,0 +1,247 @@
+//! The expert store: a model's routed experts under a memory budget.
+//!
+//! Every expert of every MoE layer is a unit with a home in the checkpoint's weights file, where
+//! the stacked bank `[E, d, f]` keeps expert e's weights contiguous, so one expert is read
+//! without the rest. At most `budget` bytes of experts are resident on the compute device, in
+//! the dtype the model computes in; a routed expert that is not resident is read from the file
+//! and may evict another, by LRU or LFU ([`moe_core::cache`]). Non-expert weights and shared
+//! experts stay resident. Counts of hits, misses, bytes read and time spent reading are kept
+//! for reports.
+//!
+//! Layers reach the store through [`moe_core::ExpertSource`]: a paged
+//! [`Experts`](moe_core::Experts) bank leaves its parameters lazy and asks its source.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use burn::prelude::*;
+use burn::tensor::{Bytes, DType, TensorData};
+use moe_core::{CachePolicy, ExpertCache, ExpertKey, ExpertSource, ExpertWeights};
+
+use crate::error::{ModelError, Result};
+
+/// How a paged model keeps its experts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StoreConfig {
+    /// Bytes of routed-expert weights that may be resident on the compute device.
+    pub budget_bytes: usize,
+    /// Which resident expert a full budget gives up.
+    pub policy: CachePolicy,
+}
+
+/// What the store did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct StoreStats {
+    /// Expert uses served by a resident expert.
+    pub hits: u64,
+    /// Expert uses that read the expert from the file.
+    pub misses: u64,
+    /// Bytes read from the file.
+    pub bytes_fetched: u64,
+    /// Seconds spent reading and converting experts (the forward pass waits for them).
+    pub fetch_seconds: f64,
+    /// Experts the budget holds.
+    pub capacity: usize,
+}
+
+/// One stacked weight of one layer, still in the file: `[E, a, b]` in `dtype`.
+#[derive(Debug)]
+pub(crate) struct ColdWeight {
+    /// File-backed, never read whole: each expert is a window of it.
+    pub bytes: Bytes,
+    pub dtype: DType,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl ColdWeight {
+    /// Expert e's `[rows, cols]` block, read from the file, as `compute` on `device`.
+    fn read(&self, e: usize, compute: DType, device: &Device) -> Result<(Tensor<2>, usize)> {
+        let n = self.rows * self.cols * self.dtype.size();
+        let window = self
+            .bytes
+            .view(e * n, (e + 1) * n)
+            .map_err(|err| ModelError::Config(format!("expert {e} cannot be read: {err:?}")))?;
+        let data = TensorData::from_bytes_vec(window.to_vec(), [self.rows, self.cols], self.dtype);
+        let tensor: Tensor<2> = Tensor::from_data(data, (device, self.dtype));
+        let tensor = if self.dtype == compute {
+            tensor
+        } else {
+            tensor.cast(compute)
+        };
+        Ok((tensor, n))
+    }
+}
+
+/// The three stacked weights of one layer's bank.
+#[derive(Debug)]
+pub(crate) struct ColdLayer {
+    pub w_gate: ColdWeight,
+    pub w_up: ColdWeight,
+    pub w_down: ColdWeight,
+}
+
+#[derive(Debug)]
+struct State {
+    cache: ExpertCache,
+    resident: HashMap<ExpertKey, ExpertWeights>,
+    stats: StoreStats,
+}
+
+/// The routed experts of a paged model, shared by its layers.
+#[derive(Debug)]
+pub struct ExpertStore {
+    layers: Vec<ColdLayer>,
+    compute: DType,
+    state: Mutex<State>,
+}
+
+impl ExpertStore {
+    /// A store over `layers` (one per MoE layer, in order) keeping at most `config.budget_bytes`
+    /// of experts in `compute`. Refuses a budget below `top_k` experts: one token needs that
+    /// many at once.
+    pub(crate) fn new(
+        layers: Vec<ColdLayer>,
+        config: StoreConfig,
+        compute: DType,
+        top_k: usize,
+    ) -> Result<Self> {
+        let first = layers
+            .first()
+            .ok_or_else(|| ModelError::Config("the model has no MoE layer to page".into()))?;
+        let expert_bytes = (2 * first.w_gate.rows * first.w_gate.cols
+            + first.w_down.rows * first.w_down.cols)
+            * compute.size();
+        let capacity = config.budget_bytes / expert_bytes;
+        if capacity < top_k {
+            return Err(ModelError::Config(format!(
+                "an expert budget of {} bytes holds {capacity} experts of {expert_bytes} bytes; \
+                 one token needs its top-{top_k} at once, so the budget must be at least {} bytes",
+                config.budget_bytes,
+                top_k * expert_bytes
+            )));
+        }
+        if config.policy == CachePolicy::Belady {
+            return Err(ModelError::Config(
+                "Belady's policy needs the future: use it in `moe cache-sim`, not to run".into(),
+            ));
+        }
+        Ok(Self {
+            layers,
+            compute,
+            state: Mutex::new(State {
+                cache: ExpertCache::new(config.policy, capacity),
+                resident: HashMap::new(),
+                stats: StoreStats {
+                    capacity,
+                    ..StoreStats::default()
+                },
+            }),
+        })
+    }
+
+    /// What the store has done so far.
+    pub fn stats(&self) -> StoreStats {
+        self.lock().stats
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Expert `e` of MoE layer `layer` on `device`: resident, or read from the file.
+    fn get(&self, layer: usize, e: usize, device: &Device) -> ExpertWeights {
+        let key = (layer as u32, e as u32);
+        let mut state = self.lock();
+        let (hits, evicted) = state.cache.access(&[key]);
+        for old in evicted {
+            state.resident.remove(&old);
+        }
+        if hits[0] {
+            state.stats.hits += 1;
+            if let Some(w) = state.resident.get(&key) {
+                return w.clone();
+            }
+        }
+        let start = Instant::now();
+        let cold = &self.layers[layer];
+        let read = |w: &ColdWeight| {
+            w.read(e, self.compute, device)
+                .unwrap_or_else(|err| panic!("layer {layer}: {err}"))
+        };
+        let (w_gate, a) = read(&cold.w_gate);
+        let (w_up, b) = read(&cold.w_up);
+        let (w_down, c) = read(&cold.w_down);
+        let weights = ExpertWeights {
+            w_gate,
+            w_up,
+            w_down,
+        };
+        if !hits[0] {
+            state.stats.misses += 1;
+        }
+        state.stats.bytes_fetched += (a + b + c) as u64;
+        state.stats.fetch_seconds += start.elapsed().as_secs_f64();
+        state.resident.insert(key, weights.clone());
+        weights
+    }
+}
+
+/// One layer's view of the store.
+#[derive(Debug)]
+pub(crate) struct LayerSource {
+    pub store: Arc<ExpertStore>,
+    pub layer: usize,
+}
+
+impl ExpertSource for LayerSource {
+    fn expert(&self, e: usize, device: &Device) -> ExpertWeights {
+        self.store.get(self.layer, e, device)
+    }
+}
+
+/// Parses a size: bytes, or with a unit `KiB`, `MiB`, `GiB` (powers of 1024) or `KB`, `MB`,
+/// `GB` (powers of 1000), e.g. `512MiB`.
+pub fn parse_size(text: &str) -> std::result::Result<usize, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let scale: f64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kib" => 1024.0,
+        "mib" => 1024.0 * 1024.0,
+        "gib" => 1024.0 * 1024.0 * 1024.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        _ => {
+            return Err(format!(
+                "'{text}': unknown size unit '{unit}' (use KiB, MiB, GiB)"
+            ));
+        }
+    };
+    let value: f64 = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size such as 512MiB"))?;
+    if !(value.is_finite() && value >= 0.0) {
+        return Err(format!("'{text}' is not a size such as 512MiB"));
+    }
+    Ok((value * scale) as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("2GB"), Ok(2_000_000_000));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("-1MiB").is_err());
+    }
+}

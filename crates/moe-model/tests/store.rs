@@ -1,0 +1,160 @@
+//! A paged model (routed experts in the weights file, at most a budget of them resident) gives
+//! bit-identical logits and tokens to the fully resident model running exact segments, at every
+//! budget and policy, on every backend.
+
+use burn::prelude::*;
+use moe_core::testing::{test_device, values};
+use moe_core::{CachePolicy, ExpertCompute, MoeLayerConfig, RouterConfig};
+use moe_model::block::Ffn;
+use moe_model::generate::{Sampling, generate};
+use moe_model::store::{StoreConfig, StoreStats};
+use moe_model::{ModelConfig, MoeLm, checkpoint, weights};
+use rstest::rstest;
+
+const EXPERTS: usize = 8;
+const LAYERS: usize = 3;
+const D: usize = 32;
+const F: usize = 24;
+
+fn config() -> ModelConfig {
+    ModelConfig::new()
+        .with_vocab_size(64)
+        .with_d_model(D)
+        .with_n_layers(LAYERS)
+        .with_n_heads(4)
+        .with_n_kv_heads(2)
+        .with_d_ff(64)
+        .with_max_seq_len(64)
+        .with_moe(
+            MoeLayerConfig::new(D, F, EXPERTS).with_router(RouterConfig::mixtral().with_top_k(2)),
+        )
+}
+
+/// Bytes of one expert in f32.
+const EXPERT_BYTES: usize = 3 * D * F * 4;
+
+fn resident_segments(mut model: MoeLm) -> MoeLm {
+    for block in &mut model.blocks {
+        if let Ffn::Moe(moe) = &mut block.ffn {
+            moe.compute = ExpertCompute::Segments;
+        }
+    }
+    model
+}
+
+fn run(model: &MoeLm) -> (Vec<f32>, Vec<u32>) {
+    let device = model.embed.weight.val().device();
+    let prompt: Vec<i64> = (0..12).map(|i| (i * 7 + 3) % 64).collect();
+    let ids = Tensor::<1, Int>::from_ints(prompt.as_slice(), &device).reshape([1, prompt.len()]);
+    let logits = values(model.forward(ids, None).logits);
+    let prompt: Vec<u32> = prompt.iter().map(|&t| t as u32).collect();
+    let tokens = generate(model, &prompt, 16, &Sampling::greedy(), &[]).unwrap();
+    (logits, tokens)
+}
+
+#[rstest]
+fn paged_models_match_the_resident_model_bit_for_bit(
+    #[values("flex", "ndarray", "wgpu")] backend: &str,
+) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    let model = config().init_seeded(&Device::flex(), 7).unwrap();
+    checkpoint::save(&dir, &model, None, false).unwrap();
+    let resident = resident_segments(checkpoint::load(&dir, &device).unwrap().model);
+    let expected = run(&resident);
+
+    let all = EXPERTS * LAYERS;
+    for (experts, policy) in [
+        (2, CachePolicy::Lru),
+        (5, CachePolicy::Lru),
+        (5, CachePolicy::Lfu),
+        (all, CachePolicy::Lru),
+    ] {
+        let config = StoreConfig {
+            budget_bytes: experts * EXPERT_BYTES + EXPERT_BYTES / 2,
+            policy,
+        };
+        let (ckpt, store) = checkpoint::load_paged(&dir, &device, config).unwrap();
+        let unset = weights::unset_params(&ckpt.model);
+        assert_eq!(unset.len(), 3 * LAYERS, "only the routed experts stay out");
+        assert!(unset.iter().all(|n| n.contains("experts.w_")), "{unset:?}");
+        let got = run(&ckpt.model);
+        assert!(
+            got.0 == expected.0,
+            "{backend}, {experts} experts, {policy:?}: logits differ"
+        );
+        assert_eq!(
+            got.1, expected.1,
+            "{backend}, {experts} experts, {policy:?}"
+        );
+
+        let StoreStats {
+            hits,
+            misses,
+            bytes_fetched,
+            capacity,
+            ..
+        } = store.stats();
+        assert_eq!(capacity, experts);
+        assert_eq!(bytes_fetched, misses * EXPERT_BYTES as u64);
+        assert!(misses >= 1 && hits + misses > 0);
+        if experts == all {
+            assert!(misses <= all as u64, "each expert read once: {misses}");
+        } else {
+            assert!(hits > 0 || experts == 2, "{experts}: no hits");
+        }
+    }
+}
+
+#[test]
+fn budgets_too_small_and_runs_it_cannot_serve_are_refused() {
+    let device = Device::flex();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ckpt");
+    checkpoint::save(
+        &dir,
+        &config().init_seeded(&device, 1).unwrap(),
+        None,
+        false,
+    )
+    .unwrap();
+    let small = StoreConfig {
+        budget_bytes: EXPERT_BYTES + 10,
+        policy: CachePolicy::Lru,
+    };
+    let err = checkpoint::load_paged(&dir, &device, small)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("holds 1 experts") && err.contains("top-2"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1);
+
+    let belady = StoreConfig {
+        budget_bytes: 100 * EXPERT_BYTES,
+        policy: CachePolicy::Belady,
+    };
+    let err = checkpoint::load_paged(&dir, &device, belady)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("Belady"), "{err}");
+
+    let capped = tmp.path().join("capped");
+    let model = config()
+        .with_moe(MoeLayerConfig::new(D, F, EXPERTS).with_capacity_factor(Some(1.25)))
+        .init_seeded(&device, 1)
+        .unwrap();
+    checkpoint::save(&capped, &model, None, false).unwrap();
+    let ok = StoreConfig {
+        budget_bytes: 100 * EXPERT_BYTES,
+        policy: CachePolicy::Lru,
+    };
+    let err = checkpoint::load_paged(&capped, &device, ok)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("capacity factor"), "{err}");
+}
