@@ -8,6 +8,7 @@ mod budget;
 mod inspect;
 mod model_cmds;
 mod prompt;
+mod trace_cmds;
 mod train_cmds;
 
 use std::path::{Path, PathBuf};
@@ -48,6 +49,10 @@ enum Command {
     Bench(bench_cmd::BenchArgs),
     /// Export a checkpoint's weights as safetensors.
     Export(model_cmds::ExportArgs),
+    /// Record which experts each token uses in each MoE layer (JSON lines).
+    Trace(trace_cmds::TraceArgs),
+    /// Replay a trace through expert caches: hit rates per budget and policy.
+    CacheSim(trace_cmds::CacheSimArgs),
 }
 
 fn main() -> ExitCode {
@@ -86,6 +91,8 @@ fn main() -> ExitCode {
         Command::Upcycle(a) => model_cmds::upcycle(a),
         Command::Bench(a) => bench_cmd::bench(a),
         Command::Export(a) => model_cmds::export(a),
+        Command::Trace(a) => trace_cmds::trace(a),
+        Command::CacheSim(a) => trace_cmds::cache_sim(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -479,3 +479,85 @@ fn export_hf_round_trips_through_import_hf() {
     assert!(stderr(&o).contains("ffn_plan"), "{}", stderr(&o));
     assert!(!tmp.path().join("d").exists());
 }
+
+/// `moe trace` records every token's experts per MoE layer; `moe cache-sim` replays the trace:
+/// Belady's optimum bounds LRU and LFU, and a budget holding every expert misses each once.
+#[test]
+fn trace_then_cache_sim() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = moe_model::ModelConfig::new()
+        .with_d_model(32)
+        .with_n_layers(2)
+        .with_n_heads(2)
+        .with_n_kv_heads(1)
+        .with_d_ff(64)
+        .with_max_seq_len(64)
+        .with_moe(moe_core::MoeLayerConfig::new(32, 32, 8))
+        .init_seeded(&burn::tensor::Device::flex(), 3)
+        .unwrap();
+    let ckpt = tmp.path().join("ckpt");
+    moe_model::checkpoint::save(&ckpt, &model, None, false).unwrap();
+    let trace = tmp.path().join("trace.jsonl");
+    let (ckpt_s, trace_s) = (ckpt.display().to_string(), trace.display().to_string());
+    let o = moe(&[
+        "trace",
+        &ckpt_s,
+        "--tokens",
+        "100",
+        "--seq-len",
+        "40",
+        "--out",
+        &trace_s,
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&trace).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["kind"], "moe-trace");
+    assert_eq!(lines[0]["moe_layers"], serde_json::json!([0, 1]));
+    let expert_bytes = lines[0]["expert_bytes"].as_u64().unwrap();
+    assert_eq!(expert_bytes, 3 * 32 * 32 * 4);
+    assert_eq!(lines.len(), 1 + 4 * 100, "4 built-in domains x 100 tokens");
+    for token in &lines[1..] {
+        let layers = token["experts"].as_array().unwrap();
+        assert_eq!(layers.len(), 2);
+        for picks in layers {
+            let picks: Vec<u64> = serde_json::from_value(picks.clone()).unwrap();
+            assert_eq!(picks.len(), 2, "top-2");
+            assert!(picks[0] != picks[1] && picks.iter().all(|&e| e < 8));
+        }
+    }
+
+    let budgets = format!(
+        "{},{},{}",
+        2 * expert_bytes,
+        6 * expert_bytes,
+        16 * expert_bytes
+    );
+    let o = moe(&["cache-sim", &trace_s, "--budget", &budgets, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let rows = out["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 9, "3 budgets x 3 policies");
+    for budget in rows.chunks(3) {
+        let rate = |i: usize| budget[i]["hit_rate"].as_f64().unwrap();
+        assert_eq!(budget[2]["policy"], "belady");
+        assert!(rate(0) <= rate(2) && rate(1) <= rate(2), "{budget:?}");
+        assert_eq!(
+            budget[0]["hits"].as_u64().unwrap() + budget[0]["misses"].as_u64().unwrap(),
+            4 * 100 * 2 * 2,
+            "every use counted"
+        );
+    }
+    for row in &rows[6..] {
+        assert!(
+            row["misses"].as_u64().unwrap() <= 16,
+            "all 16 experts fit: {row}"
+        );
+    }
+    let o = moe(&["cache-sim", &trace_s, "--budget", "1KiB"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("top-2"), "{}", stderr(&o));
+}

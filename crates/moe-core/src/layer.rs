@@ -248,6 +248,10 @@ impl MoeLayer {
             balance: load_balancing_loss(routed.routed.clone(), routing.probs, valid_f.clone()),
             z: router_z_loss(routing.logits, valid_f),
         };
+        let choices = match &routing.assignment {
+            Assignment::TokenChoice { experts, .. } => Some(experts.clone()),
+            Assignment::ExpertChoice { .. } => None,
+        };
         let stats = RoutingStats {
             load: routed.load,
             routed: routed.routed,
@@ -255,6 +259,7 @@ impl MoeLayer {
             requested: routed.requested,
             entropy_sum,
             tokens,
+            choices,
         };
         MoeOutput { output, aux, stats }
     }
@@ -373,6 +378,7 @@ impl MoeLayer {
             requested: zero(),
             entropy_sum: zero(),
             tokens: zero(),
+            choices: None,
         };
         (aux, stats)
     }
@@ -489,6 +495,7 @@ mod tests {
             requested: zero(),
             entropy_sum: zero(),
             tokens: zero(),
+            choices: None,
         }
     }
 

@@ -22,6 +22,9 @@ pub struct RoutingStats {
     pub entropy_sum: Tensor<1>,
     /// Real (non-padding) tokens routed. Scalar `[1]`.
     pub tokens: Tensor<1>,
+    /// Token choice: the experts each token picked `[T, k]` (padding included), for routing
+    /// traces. `None` for expert choice and for merged statistics.
+    pub choices: Option<Tensor<2, Int>>,
 }
 
 /// Host-side view of [`RoutingStats`].
@@ -55,6 +58,7 @@ impl RoutingStats {
             requested: self.requested + other.requested,
             entropy_sum: self.entropy_sum + other.entropy_sum,
             tokens: self.tokens + other.tokens,
+            choices: None,
         }
     }
 
@@ -67,6 +71,7 @@ impl RoutingStats {
             requested: self.requested.detach(),
             entropy_sum: self.entropy_sum.detach(),
             tokens: self.tokens.detach(),
+            choices: self.choices,
         }
     }
 
@@ -79,6 +84,7 @@ impl RoutingStats {
             requested: self.requested.to_device(device),
             entropy_sum: self.entropy_sum.to_device(device),
             tokens: self.tokens.to_device(device),
+            choices: self.choices.map(|c| c.to_device(device)),
         }
     }
 

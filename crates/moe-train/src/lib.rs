@@ -41,6 +41,7 @@ pub mod report;
 pub mod routing;
 pub mod run;
 pub mod tokenizer;
+pub mod trace;
 pub mod train;
 
 pub use config::{TrainConfig, TrainPart};
