@@ -19,6 +19,10 @@ pub struct BudgetArgs {
     /// Which resident expert a full budget gives up: lru or lfu.
     #[arg(long, default_value = "lru", value_parser = parse_policy, requires = "expert_budget")]
     expert_cache: CachePolicy,
+    /// Router look-ahead: read the experts the next layer's router picks on a background
+    /// thread while the current layer computes.
+    #[arg(long, requires = "expert_budget")]
+    prefetch: bool,
 }
 
 fn parse_policy(s: &str) -> Result<CachePolicy, String> {
@@ -44,6 +48,7 @@ impl BudgetArgs {
                 let config = StoreConfig {
                     budget_bytes,
                     policy: self.expert_cache,
+                    prefetch: self.prefetch,
                 };
                 let (ckpt, store) = checkpoint::load_paged(dir, device, config)?;
                 (ckpt, Some(store))

@@ -84,8 +84,9 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         if let Some(store) = &store {
             let stats = store.stats();
             out["expert_store"] = serde_json::to_value(stats)?;
-            out["expert_store"]["hit_rate"] =
-                (stats.hits as f64 / (stats.hits + stats.misses).max(1) as f64).into();
+            out["expert_store"]["hit_rate"] = stats.hit_rate().into();
+            out["expert_store"]["prefetch_precision"] = stats.prefetch_precision().into();
+            out["expert_store"]["prefetch_recall"] = stats.prefetch_recall().into();
         }
         println!("{out}");
     } else {

@@ -48,6 +48,15 @@ pub struct ExpertWeights {
 pub trait ExpertSource: Send + Sync + std::fmt::Debug {
     /// Expert `e`'s weights on `device`.
     fn expert(&self, e: usize, device: &Device) -> ExpertWeights;
+
+    /// Whether the source reads ahead: a model then predicts this layer's experts early
+    /// (router look-ahead) and calls [`prefetch`](Self::prefetch).
+    fn prefetches(&self) -> bool {
+        false
+    }
+
+    /// A hint that `experts` will be asked for soon; a source may start reading them.
+    fn prefetch(&self, _experts: &[usize], _device: &Device) {}
 }
 
 /// E SwiGLU experts: expert e computes `silu(x W_gate[e]) * (x W_up[e]) W_down[e]`.

@@ -110,6 +110,35 @@ impl Block {
         }
     }
 
+    /// Router look-ahead for a paged MoE block whose expert source reads ahead: applies this
+    /// block's router to `x`, the input of the block before it (a guess at this block's input),
+    /// and hints the experts it picks to the source, which reads them while the block before
+    /// computes. Does nothing for other blocks.
+    ///
+    /// x: `[batch, seq, d_model]`
+    pub fn look_ahead(&self, x: &Tensor<3>) {
+        let Ffn::Moe(moe) = &self.ffn else {
+            return;
+        };
+        let Some(source) = moe.experts.source.as_ref().filter(|s| s.prefetches()) else {
+            return;
+        };
+        let [b, s, d] = x.dims();
+        let h = self.ffn_norm.forward(x.clone()).reshape([b * s, d]);
+        let routing = moe.router.forward(h);
+        let moe_core::Assignment::TokenChoice { experts, .. } = routing.assignment else {
+            return;
+        };
+        let mut picked: Vec<usize> = experts
+            .into_data()
+            .iter::<i64>()
+            .map(|e| e as usize)
+            .collect();
+        picked.sort_unstable();
+        picked.dedup();
+        source.prefetch(&picked, &x.device());
+    }
+
     /// x: `[batch, seq, d_model]`; mask: `[batch, start + seq]` (true for real tokens).
     /// Returns the output `[batch, seq, d_model]`, the extended cache and, for an MoE block,
     /// its losses and statistics.

@@ -238,6 +238,9 @@ impl MoeLm {
         let mut aux: Option<AuxLosses> = None;
         let mut routing = Vec::new();
         for (i, block) in self.blocks.iter().enumerate() {
+            if let Some(next) = self.blocks.get(i + 1) {
+                next.look_ahead(&x);
+            }
             let (out, layer_cache, report) =
                 block.forward(x, &cos, &sin, cache.layers[i].take(), mask.clone());
             x = out;

@@ -11,8 +11,9 @@
 //! Layers reach the store through [`moe_core::ExpertSource`]: a paged
 //! [`Experts`](moe_core::Experts) bank leaves its parameters lazy and asks its source.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::sync::mpsc::{Sender, channel};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use burn::prelude::*;
@@ -28,21 +29,45 @@ pub struct StoreConfig {
     pub budget_bytes: usize,
     /// Which resident expert a full budget gives up.
     pub policy: CachePolicy,
+    /// Router look-ahead: before layer l runs, layer l+1's router is applied to layer l's input
+    /// and the experts it picks are read on a background thread while layer l computes.
+    pub prefetch: bool,
 }
 
 /// What the store did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
 pub struct StoreStats {
-    /// Expert uses served by a resident expert.
+    /// Expert uses served by a resident expert (prefetched ones included).
     pub hits: u64,
-    /// Expert uses that read the expert from the file.
+    /// Expert uses that had to read the expert (or wait for a prefetch under way).
     pub misses: u64,
-    /// Bytes read from the file.
+    /// Bytes read from the file, prefetches included.
     pub bytes_fetched: u64,
-    /// Seconds spent reading and converting experts (the forward pass waits for them).
-    pub fetch_seconds: f64,
+    /// Seconds the forward pass waited for experts (its own reads and unfinished prefetches).
+    pub stall_seconds: f64,
     /// Experts the budget holds.
     pub capacity: usize,
+    /// Experts read ahead by the router look-ahead.
+    pub prefetched: u64,
+    /// Prefetched experts that were then used while still resident.
+    pub prefetch_used: u64,
+}
+
+impl StoreStats {
+    /// Hits over all uses.
+    pub fn hit_rate(&self) -> f64 {
+        self.hits as f64 / (self.hits + self.misses).max(1) as f64
+    }
+
+    /// Share of prefetched experts that were used.
+    pub fn prefetch_precision(&self) -> f64 {
+        self.prefetch_used as f64 / self.prefetched.max(1) as f64
+    }
+
+    /// Share of the uses that would have missed without prefetching and hit because of it.
+    pub fn prefetch_recall(&self) -> f64 {
+        self.prefetch_used as f64 / (self.prefetch_used + self.misses).max(1) as f64
+    }
 }
 
 /// One stacked weight of one layer, still in the file: `[E, a, b]` in `dtype`.
@@ -86,15 +111,31 @@ pub(crate) struct ColdLayer {
 struct State {
     cache: ExpertCache,
     resident: HashMap<ExpertKey, ExpertWeights>,
+    /// Resident experts a prefetch brought in and nobody has used yet.
+    unused_prefetch: HashSet<ExpertKey>,
+    /// Experts being read right now (by the forward pass or the prefetcher).
+    loading: HashSet<ExpertKey>,
     stats: StoreStats,
 }
+
+/// What the store's threads share.
+#[derive(Debug)]
+struct Shared {
+    layers: Vec<ColdLayer>,
+    compute: DType,
+    state: Mutex<State>,
+    loaded: Condvar,
+}
+
+/// A prefetch request: expert `e` of layer `layer` onto `device`.
+type Request = (usize, usize, Device);
 
 /// The routed experts of a paged model, shared by its layers.
 #[derive(Debug)]
 pub struct ExpertStore {
-    layers: Vec<ColdLayer>,
-    compute: DType,
-    state: Mutex<State>,
+    shared: Arc<Shared>,
+    /// Requests to the prefetch thread; `None` without prefetching.
+    prefetcher: Option<Mutex<Sender<Request>>>,
 }
 
 impl ExpertStore {
@@ -127,44 +168,48 @@ impl ExpertStore {
                 "Belady's policy needs the future: use it in `moe cache-sim`, not to run".into(),
             ));
         }
-        Ok(Self {
+        let shared = Arc::new(Shared {
             layers,
             compute,
             state: Mutex::new(State {
                 cache: ExpertCache::new(config.policy, capacity),
                 resident: HashMap::new(),
+                unused_prefetch: HashSet::new(),
+                loading: HashSet::new(),
                 stats: StoreStats {
                     capacity,
                     ..StoreStats::default()
                 },
             }),
-        })
+            loaded: Condvar::new(),
+        });
+        let prefetcher = config.prefetch.then(|| {
+            let (tx, rx) = channel::<Request>();
+            let worker = shared.clone();
+            // Ends when the store (the only sender) is dropped.
+            std::thread::spawn(move || {
+                for (layer, e, device) in rx {
+                    worker.prefetch(layer, e, &device);
+                }
+            });
+            Mutex::new(tx)
+        });
+        Ok(Self { shared, prefetcher })
     }
 
     /// What the store has done so far.
     pub fn stats(&self) -> StoreStats {
-        self.lock().stats
+        self.shared.lock().stats
     }
+}
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Expert `e` of MoE layer `layer` on `device`: resident, or read from the file.
-    fn get(&self, layer: usize, e: usize, device: &Device) -> ExpertWeights {
-        let key = (layer as u32, e as u32);
-        let mut state = self.lock();
-        let (hits, evicted) = state.cache.access(&[key]);
-        for old in evicted {
-            state.resident.remove(&old);
-        }
-        if hits[0] {
-            state.stats.hits += 1;
-            if let Some(w) = state.resident.get(&key) {
-                return w.clone();
-            }
-        }
-        let start = Instant::now();
+    /// Expert `e` of layer `layer`, read from the file (no lock held).
+    fn read(&self, layer: usize, e: usize, device: &Device) -> (ExpertWeights, u64) {
         let cold = &self.layers[layer];
         let read = |w: &ColdWeight| {
             w.read(e, self.compute, device)
@@ -178,13 +223,76 @@ impl ExpertStore {
             w_up,
             w_down,
         };
-        if !hits[0] {
-            state.stats.misses += 1;
+        (weights, (a + b + c) as u64)
+    }
+
+    /// Makes `key` resident: a use by the cache's policy, evicting what it says.
+    fn admit(state: &mut State, key: ExpertKey) -> bool {
+        let (hits, evicted) = state.cache.access(&[key]);
+        for old in evicted {
+            state.resident.remove(&old);
+            state.unused_prefetch.remove(&old);
         }
-        state.stats.bytes_fetched += (a + b + c) as u64;
-        state.stats.fetch_seconds += start.elapsed().as_secs_f64();
-        state.resident.insert(key, weights.clone());
+        hits[0]
+    }
+
+    /// Expert `e` of MoE layer `layer` on `device` for the forward pass: resident, being
+    /// prefetched (waited for), or read now.
+    fn get(&self, layer: usize, e: usize, device: &Device) -> ExpertWeights {
+        let key = (layer as u32, e as u32);
+        let start = Instant::now();
+        let mut state = self.lock();
+        let mut waited = false;
+        while state.loading.contains(&key) {
+            waited = true;
+            state = self.loaded.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        let hit = Self::admit(&mut state, key);
+        if hit && let Some(w) = state.resident.get(&key).cloned() {
+            if state.unused_prefetch.remove(&key) && !waited {
+                state.stats.prefetch_used += 1;
+            }
+            if waited {
+                state.stats.misses += 1;
+                state.stats.stall_seconds += start.elapsed().as_secs_f64();
+            } else {
+                state.stats.hits += 1;
+            }
+            return w;
+        }
+        state.loading.insert(key);
+        drop(state);
+        let (weights, bytes) = self.read(layer, e, device);
+        let mut state = self.lock();
+        state.loading.remove(&key);
+        state.stats.misses += 1;
+        state.stats.bytes_fetched += bytes;
+        state.stats.stall_seconds += start.elapsed().as_secs_f64();
+        if state.cache.contains(key) {
+            state.resident.insert(key, weights.clone());
+        }
+        self.loaded.notify_all();
         weights
+    }
+
+    /// Reads expert `e` of `layer` ahead of its use, unless it is resident or being read.
+    fn prefetch(&self, layer: usize, e: usize, device: &Device) {
+        let key = (layer as u32, e as u32);
+        let mut state = self.lock();
+        if state.cache.contains(key) || state.loading.contains(&key) {
+            return;
+        }
+        state.loading.insert(key);
+        drop(state);
+        let (weights, bytes) = self.read(layer, e, device);
+        let mut state = self.lock();
+        state.loading.remove(&key);
+        Self::admit(&mut state, key);
+        state.resident.insert(key, weights);
+        state.unused_prefetch.insert(key);
+        state.stats.prefetched += 1;
+        state.stats.bytes_fetched += bytes;
+        self.loaded.notify_all();
     }
 }
 
@@ -197,7 +305,21 @@ pub(crate) struct LayerSource {
 
 impl ExpertSource for LayerSource {
     fn expert(&self, e: usize, device: &Device) -> ExpertWeights {
-        self.store.get(self.layer, e, device)
+        self.store.shared.get(self.layer, e, device)
+    }
+
+    fn prefetches(&self) -> bool {
+        self.store.prefetcher.is_some()
+    }
+
+    fn prefetch(&self, experts: &[usize], device: &Device) {
+        if let Some(tx) = &self.store.prefetcher {
+            let tx = tx.lock().unwrap_or_else(|p| p.into_inner());
+            for &e in experts {
+                // A send fails only once the worker is gone, with the store: nothing to do.
+                let _ = tx.send((self.layer, e, device.clone()));
+            }
+        }
     }
 }
 

@@ -67,39 +67,45 @@ fn paged_models_match_the_resident_model_bit_for_bit(
     let expected = run(&resident);
 
     let all = EXPERTS * LAYERS;
-    for (experts, policy) in [
-        (2, CachePolicy::Lru),
-        (5, CachePolicy::Lru),
-        (5, CachePolicy::Lfu),
-        (all, CachePolicy::Lru),
+    for (experts, policy, prefetch) in [
+        (2, CachePolicy::Lru, false),
+        (5, CachePolicy::Lru, false),
+        (5, CachePolicy::Lfu, false),
+        (5, CachePolicy::Lru, true),
+        (2, CachePolicy::Lfu, true),
+        (all, CachePolicy::Lru, false),
     ] {
         let config = StoreConfig {
             budget_bytes: experts * EXPERT_BYTES + EXPERT_BYTES / 2,
             policy,
+            prefetch,
         };
         let (ckpt, store) = checkpoint::load_paged(&dir, &device, config).unwrap();
         let unset = weights::unset_params(&ckpt.model);
         assert_eq!(unset.len(), 3 * LAYERS, "only the routed experts stay out");
         assert!(unset.iter().all(|n| n.contains("experts.w_")), "{unset:?}");
         let got = run(&ckpt.model);
-        assert!(
-            got.0 == expected.0,
-            "{backend}, {experts} experts, {policy:?}: logits differ"
-        );
-        assert_eq!(
-            got.1, expected.1,
-            "{backend}, {experts} experts, {policy:?}"
-        );
+        let what = format!("{backend}, {experts} experts, {policy:?}, prefetch {prefetch}");
+        assert!(got.0 == expected.0, "{what}: logits differ");
+        assert_eq!(got.1, expected.1, "{what}");
 
         let StoreStats {
             hits,
             misses,
             bytes_fetched,
             capacity,
+            prefetched,
+            prefetch_used,
             ..
         } = store.stats();
         assert_eq!(capacity, experts);
-        assert_eq!(bytes_fetched, misses * EXPERT_BYTES as u64);
+        if prefetch {
+            assert!(prefetched > 0 && prefetch_used <= prefetched, "{what}");
+            assert!(bytes_fetched <= (misses + prefetched) * EXPERT_BYTES as u64);
+        } else {
+            assert_eq!(prefetched, 0);
+            assert_eq!(bytes_fetched, misses * EXPERT_BYTES as u64);
+        }
         assert!(misses >= 1 && hits + misses > 0);
         if experts == all {
             assert!(misses <= all as u64, "each expert read once: {misses}");
@@ -124,6 +130,7 @@ fn budgets_too_small_and_runs_it_cannot_serve_are_refused() {
     let small = StoreConfig {
         budget_bytes: EXPERT_BYTES + 10,
         policy: CachePolicy::Lru,
+        prefetch: false,
     };
     let err = checkpoint::load_paged(&dir, &device, small)
         .unwrap_err()
@@ -137,6 +144,7 @@ fn budgets_too_small_and_runs_it_cannot_serve_are_refused() {
     let belady = StoreConfig {
         budget_bytes: 100 * EXPERT_BYTES,
         policy: CachePolicy::Belady,
+        prefetch: false,
     };
     let err = checkpoint::load_paged(&dir, &device, belady)
         .unwrap_err()
@@ -152,6 +160,7 @@ fn budgets_too_small_and_runs_it_cannot_serve_are_refused() {
     let ok = StoreConfig {
         budget_bytes: 100 * EXPERT_BYTES,
         policy: CachePolicy::Lru,
+        prefetch: true,
     };
     let err = checkpoint::load_paged(&capped, &device, ok)
         .unwrap_err()
