@@ -49,6 +49,8 @@ enum Command {
     Bench(bench_cmd::BenchArgs),
     /// Export a checkpoint's weights as safetensors.
     Export(model_cmds::ExportArgs),
+    /// Store a checkpoint's routed experts in 8 or 4 bits with block scales.
+    Quantize(model_cmds::QuantizeArgs),
     /// Record which experts each token uses in each MoE layer (JSON lines).
     Trace(trace_cmds::TraceArgs),
     /// Replay a trace through expert caches: hit rates per budget and policy.
@@ -91,6 +93,7 @@ fn main() -> ExitCode {
         Command::Upcycle(a) => model_cmds::upcycle(a),
         Command::Bench(a) => bench_cmd::bench(a),
         Command::Export(a) => model_cmds::export(a),
+        Command::Quantize(a) => model_cmds::quantize(a),
         Command::Trace(a) => trace_cmds::trace(a),
         Command::CacheSim(a) => trace_cmds::cache_sim(a),
     };

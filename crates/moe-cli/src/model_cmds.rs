@@ -9,6 +9,7 @@ use clap::Args;
 use moe_core::{MoeLayerConfig, RouterConfig};
 use moe_model::checkpoint::CheckpointWriter;
 use moe_model::generate::{Sampling, check_prompt, generate as run_generate};
+use moe_model::quantize::{ExpertQuant, quantize_experts};
 use moe_model::{checkpoint, hf, upcycle as up, weights};
 use moe_train::HfTokenizer;
 use moe_train::hf_tokenizer::{self, HF_TOKENIZER_DIR};
@@ -252,6 +253,66 @@ pub fn upcycle(a: UpcycleArgs) -> anyhow::Result<()> {
         dir.display(),
         a.experts,
         a.top_k
+    );
+    Ok(())
+}
+
+/// Arguments of `moe quantize`.
+#[derive(Args, Debug)]
+pub struct QuantizeArgs {
+    /// Checkpoint directory.
+    checkpoint: PathBuf,
+    /// Precision of the routed experts: q8 or q4 (symmetric, one f32 scale per 32 values).
+    #[arg(long, value_parser = parse_quant)]
+    experts: ExpertQuant,
+    /// Checkpoint directory to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace an existing checkpoint at --out.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+fn parse_quant(s: &str) -> Result<ExpertQuant, String> {
+    ExpertQuant::parse(s).ok_or_else(|| format!("'{s}' is not an expert precision; use q8 or q4"))
+}
+
+/// Runs `moe quantize`.
+pub fn quantize(a: QuantizeArgs) -> anyhow::Result<()> {
+    if a.out.exists() && !a.overwrite {
+        bail!(
+            "{}: already exists (pass --overwrite to replace it)",
+            a.out.display()
+        );
+    }
+    let ckpt = checkpoint::load(&a.checkpoint, &Device::flex())?;
+    if ckpt.model.config.n_moe_layers() == 0 {
+        bail!(
+            "{}: a dense model has no experts to quantise",
+            a.checkpoint.display()
+        );
+    }
+    let model = quantize_experts(ckpt.model, a.experts)?;
+    let writer = CheckpointWriter::new(&a.out)?;
+    writer.write_model(&model)?;
+    if let Some(spec) = &ckpt.tokenizer {
+        writer.write_json(checkpoint::TOKENIZER_FILE, spec)?;
+    }
+    hf_tokenizer::carry(&ckpt.dir, writer.dir())?;
+    let dir = writer.commit(a.overwrite)?;
+    let size = |d: &std::path::Path| -> anyhow::Result<Vec<weights::StoredBytes>> {
+        Ok(weights::stored_in_burnpack(
+            &d.join(checkpoint::WEIGHTS_FILE),
+        )?)
+    };
+    let experts = |s: &[weights::StoredBytes]| s.iter().map(|b| b.experts).sum::<usize>();
+    let (before, after) = (experts(&size(&a.checkpoint)?), experts(&size(&dir)?));
+    println!(
+        "quantised the experts of {} -> {}: {:.1} MiB -> {:.1} MiB of expert weights",
+        a.checkpoint.display(),
+        dir.display(),
+        before as f64 / (1 << 20) as f64,
+        after as f64 / (1 << 20) as f64
     );
     Ok(())
 }

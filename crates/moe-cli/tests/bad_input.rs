@@ -427,6 +427,11 @@ const CASES: &[(&str, &str, &str)] = &[
         "belady needs the future",
     ),
     (
+        "expert precision that does not exist",
+        "quantize ckpt --experts q3 --out q",
+        "'q3' is not an expert precision; use q8 or q4",
+    ),
+    (
         "export of truncated weights",
         "export truncated --out w.safetensors",
         "truncated/model.bpk",

@@ -561,3 +561,56 @@ fn trace_then_cache_sim() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("top-2"), "{}", stderr(&o));
 }
+
+/// `moe quantize` stores the experts in q8 (inspect shows it), and the quantised checkpoint
+/// generates the same tokens resident or paged under a budget.
+#[test]
+fn quantize_then_generate_resident_and_paged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = moe_model::ModelConfig::new()
+        .with_d_model(32)
+        .with_n_layers(2)
+        .with_n_heads(2)
+        .with_n_kv_heads(1)
+        .with_d_ff(64)
+        .with_max_seq_len(64)
+        .with_moe(moe_core::MoeLayerConfig::new(32, 32, 8))
+        .init_seeded(&burn::tensor::Device::flex(), 5)
+        .unwrap();
+    let ckpt = tmp.path().join("ckpt");
+    moe_model::checkpoint::save(&ckpt, &model, None, false).unwrap();
+    let (ckpt_s, q) = (
+        ckpt.display().to_string(),
+        tmp.path().join("q8").display().to_string(),
+    );
+    let o = moe(&["quantize", &ckpt_s, "--experts", "q8", "--out", &q]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("MiB of expert weights"),
+        "{}",
+        stdout(&o)
+    );
+    let o = moe(&["inspect", &q, "--json"]);
+    let i: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let q8 = i["stored"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["dtype"] == "q8");
+    assert_eq!(
+        q8.unwrap()["expert_bytes"],
+        2 * 3 * 8 * (32 * 32 + 32 * 32 / 8)
+    );
+
+    let generate = |extra: &[&str]| -> serde_json::Value {
+        let mut args = vec!["generate", &q, "--ids", "1,2,3", "--greedy", "--json"];
+        args.extend_from_slice(extra);
+        let o = moe(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_str(&stdout(&o)).unwrap()
+    };
+    let resident = generate(&[]);
+    let paged = generate(&["--expert-budget", "40KiB", "--prefetch"]);
+    assert_eq!(paged["new_tokens"], resident["new_tokens"]);
+    assert!(paged["expert_store"]["misses"].as_u64().unwrap() > 0);
+}

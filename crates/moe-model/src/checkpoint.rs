@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use burn::module::Module;
 use burn::prelude::*;
-use burn::store::ModuleRecord;
 use burn::store::{ModuleSnapshot, SafetensorsStore};
 use burn::tensor::DType;
 
@@ -276,11 +275,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<Checkpoint> {
 /// the weights file is read tensor by tensor, so peak memory is the model plus one tensor.
 pub fn load_as(dir: &Path, device: &Device, dtype: Option<DType>) -> Result<Checkpoint> {
     let config = load_config(dir)?;
-    let model = load_weights(config.skeleton(device)?, &dir.join(WEIGHTS_FILE))?;
-    let model = match dtype {
-        Some(dtype) => weights::cast_floats(model, dtype),
-        None => model,
-    };
+    let model = load_weights(config.skeleton(device)?, &dir.join(WEIGHTS_FILE), dtype)?;
     Ok(Checkpoint {
         model,
         tokenizer: load_tokenizer_spec(dir)?,
@@ -307,11 +302,12 @@ pub fn load_paged(
         ));
     }
     let path = dir.join(WEIGHTS_FILE);
+    check_weights_file(&path)?;
     let is_expert = |name: &str| name.contains("experts.w_");
     let (mut model, cold) = weights::load_burnpack_except(
         model_config.skeleton(device)?,
         &path,
-        DType::F32,
+        Some(DType::F32),
         is_expert,
     )?;
     let mut by_name: HashMap<String, burn_pack::Tensor> = cold.into_iter().collect();
@@ -321,7 +317,7 @@ pub fn load_paged(
         let t = by_name
             .remove(&name)
             .ok_or_else(|| ModelError::checkpoint(&path, format!("'{name}' is missing")))?;
-        let [_, rows, cols] = t.shape.dims();
+        let [experts, rows, cols] = t.shape.dims();
         let dtype = t.dtype;
         let bytes = t
             .into_bytes()
@@ -329,6 +325,7 @@ pub fn load_paged(
         Ok(ColdWeight {
             bytes,
             dtype,
+            experts,
             rows,
             cols,
         })
@@ -374,8 +371,15 @@ pub fn load_tokenizer_spec(dir: &Path) -> Result<Option<serde_json::Value>> {
     Ok(Some(spec))
 }
 
-/// Loads weights from a burnpack file into a module built from the matching config.
-pub fn load_weights<M: Module>(module: M, path: &Path) -> Result<M> {
+/// Loads weights from a burnpack file into a module built lazily from the matching config
+/// ([`ModelConfig::skeleton`]), tensor by tensor, each converted to `dtype` (`None`: as stored).
+pub fn load_weights<M: Module>(module: M, path: &Path, dtype: Option<DType>) -> Result<M> {
+    check_weights_file(path)?;
+    Ok(weights::load_burnpack_except(module, path, dtype, |_| false)?.0)
+}
+
+/// A weights file that exists, is a file and is not empty.
+fn check_weights_file(path: &Path) -> Result<()> {
     let meta = fs::metadata(path).map_err(|e| ModelError::io(path, e))?;
     if meta.is_dir() {
         return Err(ModelError::checkpoint(
@@ -386,31 +390,7 @@ pub fn load_weights<M: Module>(module: M, path: &Path) -> Result<M> {
     if meta.len() == 0 {
         return Err(ModelError::checkpoint(path, "is empty"));
     }
-    let record = ModuleRecord::load(path).map_err(|e| {
-        ModelError::checkpoint(path, format!("not a readable burnpack weights file ({e})"))
-    })?;
-    module.try_load_record(record).map_err(|e| {
-        ModelError::checkpoint(
-            path,
-            format!(
-                "weights do not fit {CONFIG_FILE} ({})",
-                brief(&e.to_string())
-            ),
-        )
-    })
-}
-
-/// The start of a long message (a record error lists every mismatched tensor).
-fn brief(message: &str) -> String {
-    const LIMIT: usize = 200;
-    if message.len() <= LIMIT {
-        return message.to_string();
-    }
-    let mut end = LIMIT;
-    while !message.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}...", &message[..end])
+    Ok(())
 }
 
 /// Exports the weights as a safetensors file (tensor names are the module paths).

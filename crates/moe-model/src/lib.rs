@@ -29,6 +29,7 @@ pub mod generate;
 pub mod hf;
 pub mod merge;
 pub mod model;
+pub mod quantize;
 pub mod rope;
 pub mod store;
 pub mod upcycle;

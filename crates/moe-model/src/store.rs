@@ -21,6 +21,7 @@ use burn::tensor::{Bytes, DType, TensorData};
 use moe_core::{CachePolicy, ExpertCache, ExpertKey, ExpertSource, ExpertWeights};
 
 use crate::error::{ModelError, Result};
+use crate::quantize::{dequantize, quantized_bytes};
 
 /// How a paged model keeps its experts.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -70,34 +71,65 @@ impl StoreStats {
     }
 }
 
-/// One stacked weight of one layer, still in the file: `[E, a, b]` in `dtype`.
+/// One stacked weight of one layer, still in the file: `[E, rows, cols]` in `dtype`.
 #[derive(Debug)]
 pub(crate) struct ColdWeight {
-    /// File-backed, never read whole: each expert is a window of it.
+    /// File-backed, never read whole: each expert is a window of it (two for quantised banks:
+    /// its packed values and its block scales).
     pub bytes: Bytes,
     pub dtype: DType,
+    pub experts: usize,
     pub rows: usize,
     pub cols: usize,
 }
 
 impl ColdWeight {
-    /// Expert e's `[rows, cols]` block, read from the file, as `compute` on `device`.
-    fn read(&self, e: usize, compute: DType, device: &Device) -> Result<(Tensor<2>, usize)> {
-        let n = self.rows * self.cols * self.dtype.size();
-        let window = self
+    /// Bytes `[start, end)` of the stored tensor, read from the file.
+    fn window(&self, start: usize, end: usize) -> Result<Vec<u8>> {
+        let view = self
             .bytes
-            .view(e * n, (e + 1) * n)
-            .map_err(|err| ModelError::Config(format!("expert {e} cannot be read: {err:?}")))?;
-        let data = TensorData::from_bytes_vec(window.to_vec(), [self.rows, self.cols], self.dtype);
-        let tensor: Tensor<2> = Tensor::from_data(data, (device, self.dtype));
-        let tensor = if self.dtype == compute {
-            tensor
-        } else {
-            tensor.cast(compute)
+            .view(start, end)
+            .map_err(|err| ModelError::Config(format!("expert bytes cannot be read: {err:?}")))?;
+        Ok(view.to_vec())
+    }
+
+    /// Expert e's stored bytes: its values, and for a quantised bank its block scales after
+    /// them (aligned as Burn lays a quantised tensor out).
+    fn expert_bytes(&self, e: usize) -> Result<Vec<u8>> {
+        let n = self.rows * self.cols;
+        let DType::QFloat(scheme) = self.dtype else {
+            let size = n * self.dtype.size();
+            return self.window(e * size, (e + 1) * size);
         };
-        Ok((tensor, n))
+        let (values, scales) = quantized_bytes(&scheme, n);
+        let scales_start = (self.experts * values).next_multiple_of(QPARAM_ALIGN);
+        let mut bytes = self.window(e * values, (e + 1) * values)?;
+        bytes.resize(values.next_multiple_of(QPARAM_ALIGN), 0);
+        let at = scales_start + e * scales;
+        bytes.extend(self.window(at, at + scales)?);
+        Ok(bytes)
+    }
+
+    /// Expert e's `[rows, cols]` block, read from the file, as `compute` on `device` (a
+    /// quantised expert is dequantised on the host first).
+    fn read(&self, e: usize, compute: DType, device: &Device) -> Result<(Tensor<2>, usize)> {
+        let bytes = self.expert_bytes(e)?;
+        let read = bytes.len();
+        let data = TensorData::from_bytes_vec(bytes, [self.rows, self.cols], self.dtype);
+        let tensor: Tensor<2> = match self.dtype {
+            d if d == compute => Tensor::from_data(data, (device, d)),
+            DType::QFloat(scheme) => {
+                let data = dequantize(data, scheme).map_err(ModelError::Config)?;
+                Tensor::<2>::from_data(data, (device, DType::F32)).cast(compute)
+            }
+            d => Tensor::<2>::from_data(data, (device, d)).cast(compute),
+        };
+        Ok((tensor, read))
     }
 }
+
+/// Alignment of the scales after a quantised tensor's values (Burn's `QPARAM_ALIGN`).
+const QPARAM_ALIGN: usize = std::mem::align_of::<f32>();
 
 /// The three stacked weights of one layer's bank.
 #[derive(Debug)]

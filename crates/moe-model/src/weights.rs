@@ -13,6 +13,7 @@ use burn::prelude::*;
 use burn::tensor::{DType, TensorData};
 
 use crate::error::{ModelError, Result};
+use crate::quantize::dequantize;
 
 /// Saves `module`'s parameters as a burnpack file at `path`, readable by
 /// [`Module::try_load_file`] and [`burn::store::ModuleRecord::load`].
@@ -48,6 +49,18 @@ impl ModuleVisitor for Deferred {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let value = param.transform_for_save().val();
         let (dtype, shape) = (value.dtype(), value.shape());
+        if let DType::QFloat(_) = dtype {
+            // Packed values and scales: small, and their length is known once packed.
+            let bytes = value.into_data().into_bytes();
+            self.tensors.push(burn_pack::Tensor::new(
+                self.path.join("."),
+                dtype,
+                shape,
+                Some(param.id.val()),
+                bytes,
+            ));
+            return;
+        }
         let byte_len = shape.num_elements() * dtype.size();
         let provider = move || Ok(value.clone().into_data().into_bytes());
         self.tensors.push(burn_pack::Tensor::deferred(
@@ -62,14 +75,15 @@ impl ModuleVisitor for Deferred {
 }
 
 /// Loads a burnpack file into `module` (built lazily, see
-/// [`ModelConfig::skeleton`](crate::ModelConfig::skeleton)), every parameter in `dtype`, except
-/// the parameters whose path `keep_cold` accepts: those stay lazy and unallocated, and their
-/// file-backed tensors are returned by path, unread. Missing, unused and misshapen tensors are
-/// errors naming them.
+/// [`ModelConfig::skeleton`](crate::ModelConfig::skeleton)), tensor by tensor, every parameter
+/// converted to `dtype` (`None`: as stored; quantised tensors are dequantised on the host),
+/// except the parameters whose path `keep_cold` accepts: those stay lazy and unallocated, and
+/// their file-backed tensors are returned by path, unread. Missing, unused and misshapen
+/// tensors are errors naming them.
 pub fn load_burnpack_except<M: Module>(
     module: M,
     path: &Path,
-    dtype: DType,
+    dtype: Option<DType>,
     keep_cold: impl Fn(&str) -> bool,
 ) -> Result<(M, Vec<(String, burn_pack::Tensor)>)> {
     let bad = |problem: String| ModelError::checkpoint(path, problem);
@@ -91,7 +105,7 @@ pub fn load_burnpack_except<M: Module>(
         load.problems.push(format!("'{name}' matches no parameter"));
     }
     match load.problems.first() {
-        Some(p) => Err(bad(format!("weights do not fit the config ({p})"))),
+        Some(p) => Err(bad(format!("weights do not fit config.json ({p})"))),
         None => Ok((module, load.cold)),
     }
 }
@@ -99,7 +113,7 @@ pub fn load_burnpack_except<M: Module>(
 struct Load<'a> {
     path: Vec<String>,
     tensors: std::collections::HashMap<String, burn_pack::Tensor>,
-    dtype: DType,
+    dtype: Option<DType>,
     keep_cold: &'a dyn Fn(&str) -> bool,
     cold: Vec<(String, burn_pack::Tensor)>,
     problems: Vec<String>,
@@ -144,16 +158,21 @@ impl ModuleMapper for Load<'_> {
             }
         };
         let device = param.lazy_device();
-        let value: Tensor<D> = Tensor::from_data(
-            TensorData::from_bytes(bytes, shape, dtype),
-            (&device, dtype),
-        );
-        let value = if dtype == self.dtype {
-            value
-        } else {
-            value.cast(self.dtype).detach()
+        let data = TensorData::from_bytes(bytes, shape, dtype);
+        let value: Tensor<D> = match (dtype, self.dtype) {
+            (DType::QFloat(scheme), Some(target)) => match dequantize(data, scheme) {
+                Ok(data) => Tensor::<D>::from_data(data, (&device, DType::F32)).cast(target),
+                Err(problem) => {
+                    self.problems.push(format!("'{name}': {problem}"));
+                    return param;
+                }
+            },
+            (stored, Some(target)) if stored != target => {
+                Tensor::<D>::from_data(data, (&device, stored)).cast(target)
+            }
+            _ => Tensor::from_data(data, (&device, dtype)),
         };
-        param.transform_for_load(value, id)
+        param.transform_for_load(value.detach(), id)
     }
 }
 
@@ -167,12 +186,15 @@ struct Cast(DType);
 
 impl ModuleMapper for Cast {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        if param.val().dtype() == self.0 {
-            return param;
-        }
+        let value = param.val();
+        let value = match value.dtype() {
+            d if d == self.0 => return param,
+            DType::QFloat(_) => value.dequantize().cast(self.0),
+            _ => value.cast(self.0),
+        };
         // A new leaf with the parameter's id and gradient setting, as a load would give.
-        let (id, value) = (param.id, param.val().cast(self.0).detach());
-        param.transform_for_load(value, id)
+        let id = param.id;
+        param.transform_for_load(value.detach(), id)
     }
 }
 
@@ -222,8 +244,11 @@ impl ModuleVisitor for Sizes {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         let value = param.val();
         let dtype = value.dtype();
-        *self.bytes.entry(dtype_name(dtype)).or_default() +=
-            value.shape().num_elements() * dtype.size();
+        let bytes = match dtype {
+            DType::QFloat(_) => value.into_data().bytes().len(),
+            _ => value.shape().num_elements() * dtype.size(),
+        };
+        *self.bytes.entry(dtype_name(dtype)).or_default() += bytes;
     }
 }
 
@@ -284,6 +309,7 @@ pub fn dtype_name(dtype: DType) -> String {
         DType::F16 => "f16".into(),
         DType::BF16 => "bf16".into(),
         DType::F64 => "f64".into(),
+        DType::QFloat(scheme) => format!("q{}", scheme.size_bits_value()),
         other => format!("{other:?}").to_lowercase(),
     }
 }

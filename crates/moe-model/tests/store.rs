@@ -7,6 +7,7 @@ use moe_core::testing::{test_device, values};
 use moe_core::{CachePolicy, ExpertCompute, MoeLayerConfig, RouterConfig};
 use moe_model::block::Ffn;
 use moe_model::generate::{Sampling, generate};
+use moe_model::quantize::{ExpertQuant, quantize_experts};
 use moe_model::store::{StoreConfig, StoreStats};
 use moe_model::{ModelConfig, MoeLm, checkpoint, weights};
 use rstest::rstest;
@@ -166,4 +167,68 @@ fn budgets_too_small_and_runs_it_cannot_serve_are_refused() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("capacity factor"), "{err}");
+}
+
+/// Quantised experts: stored in 8 or 4 bits with block scales; a paged model dequantises only
+/// the experts it reads and matches the resident model (dequantised at load) bit for bit; both
+/// stay close to the f32 model, q8 closer than q4.
+#[rstest]
+fn quantized_experts_page_like_resident_ones(#[values("flex", "ndarray", "wgpu")] backend: &str) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let config = config().with_moe(
+        MoeLayerConfig::new(D, 32, EXPERTS).with_router(RouterConfig::mixtral().with_top_k(2)),
+    );
+    let model = config.init_seeded(&Device::flex(), 11).unwrap();
+    let full = tmp.path().join("f32");
+    checkpoint::save(&full, &model, None, false).unwrap();
+    let reference = run(&resident_segments(
+        checkpoint::load(&full, &device).unwrap().model,
+    ))
+    .0;
+    let mut errors = Vec::new();
+    for (quant, name) in [(ExpertQuant::Q8, "q8"), (ExpertQuant::Q4, "q4")] {
+        let dir = tmp.path().join(name);
+        let q = quantize_experts(model.clone(), quant).unwrap();
+        checkpoint::save(&dir, &q, None, false).unwrap();
+        let stored = weights::stored_in_burnpack(&dir.join(checkpoint::WEIGHTS_FILE)).unwrap();
+        let experts = stored.iter().find(|s| s.dtype == name).unwrap().experts;
+        let f32_experts = 3 * LAYERS * EXPERTS * D * 32 * 4;
+        // One byte per value (Burn's native store, q4 too) and one f32 scale per 32 values.
+        let expected = f32_experts / 4 + f32_experts / 32;
+        assert_eq!(
+            experts, expected,
+            "{name}: values plus one f32 scale per 32"
+        );
+
+        let resident = run(&resident_segments(
+            checkpoint::load(&dir, &device).unwrap().model,
+        ));
+        let budget = StoreConfig {
+            budget_bytes: 3 * 3 * D * 32 * 4,
+            policy: CachePolicy::Lru,
+            prefetch: true,
+        };
+        let (paged, store) = checkpoint::load_paged(&dir, &device, budget).unwrap();
+        let got = run(&paged.model);
+        assert!(got.0 == resident.0, "{backend} {name}: paged logits differ");
+        assert_eq!(got.1, resident.1, "{backend} {name}");
+        assert!(store.stats().misses > 0);
+        let err = resident
+            .0
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        errors.push(err);
+    }
+    assert!(
+        errors[0] < errors[1],
+        "q8 {} vs q4 {}",
+        errors[0],
+        errors[1]
+    );
+    assert!(errors[0] < 0.05 && errors[1] < 0.5, "{errors:?}");
 }
