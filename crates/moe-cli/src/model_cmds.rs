@@ -83,11 +83,13 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             "tokens_per_second": new.len() as f64 / seconds.max(1e-9),
         });
         if let Some(store) = &store {
+            store.settle();
             let stats = store.stats();
             out["expert_store"] = serde_json::to_value(stats)?;
             out["expert_store"]["hit_rate"] = stats.hit_rate().into();
             out["expert_store"]["prefetch_precision"] = stats.prefetch_precision().into();
             out["expert_store"]["prefetch_recall"] = stats.prefetch_recall().into();
+            out["expert_store"]["belady_hit_rate"] = store.belady_hit_rate().into();
         }
         println!("{out}");
     } else {

@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use burn::prelude::*;
 use burn::tensor::{Bytes, DType, TensorData};
+use moe_core::cache::replay;
 use moe_core::{CachePolicy, ExpertCache, ExpertKey, ExpertSource, ExpertWeights};
 
 use crate::error::{ModelError, Result};
@@ -147,6 +148,8 @@ struct State {
     unused_prefetch: HashSet<ExpertKey>,
     /// Experts being read right now (by the forward pass or the prefetcher).
     loading: HashSet<ExpertKey>,
+    /// Every expert the forward pass asked for, in order (the trace Belady replays).
+    asked: Vec<ExpertKey>,
     stats: StoreStats,
 }
 
@@ -159,8 +162,22 @@ struct Shared {
     loaded: Condvar,
 }
 
-/// A prefetch request: expert `e` of layer `layer` onto `device`.
-type Request = (usize, usize, Device);
+/// A message to the prefetch thread.
+enum Request {
+    /// Read expert `e` of layer `layer` onto `device`.
+    Load(usize, usize, Device),
+    /// Reply once every earlier request is done.
+    Settle(Sender<()>),
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Load(layer, e, _) => write!(f, "Load({layer}, {e})"),
+            Self::Settle(_) => write!(f, "Settle"),
+        }
+    }
+}
 
 /// The routed experts of a paged model, shared by its layers.
 #[derive(Debug)]
@@ -208,6 +225,7 @@ impl ExpertStore {
                 resident: HashMap::new(),
                 unused_prefetch: HashSet::new(),
                 loading: HashSet::new(),
+                asked: Vec::new(),
                 stats: StoreStats {
                     capacity,
                     ..StoreStats::default()
@@ -220,8 +238,13 @@ impl ExpertStore {
             let worker = shared.clone();
             // Ends when the store (the only sender) is dropped.
             std::thread::spawn(move || {
-                for (layer, e, device) in rx {
-                    worker.prefetch(layer, e, &device);
+                for request in rx {
+                    match request {
+                        Request::Load(layer, e, device) => worker.prefetch(layer, e, &device),
+                        Request::Settle(done) => {
+                            let _ = done.send(());
+                        }
+                    }
                 }
             });
             Mutex::new(tx)
@@ -229,9 +252,32 @@ impl ExpertStore {
         Ok(Self { shared, prefetcher })
     }
 
+    /// Waits until the prefetches asked for so far are done (at once without prefetching).
+    pub fn settle(&self) {
+        if let Some(tx) = &self.prefetcher {
+            let (done, wait) = channel();
+            let sent = tx
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .send(Request::Settle(done));
+            if sent.is_ok() {
+                let _ = wait.recv();
+            }
+        }
+    }
+
     /// What the store has done so far.
     pub fn stats(&self) -> StoreStats {
         self.shared.lock().stats
+    }
+
+    /// The hit rate Belady's optimal eviction would have reached on the experts asked for so
+    /// far, with the same capacity and no prefetching: the upper bound to read
+    /// [`StoreStats::hit_rate`] against.
+    pub fn belady_hit_rate(&self) -> f64 {
+        let state = self.shared.lock();
+        let steps: Vec<Vec<ExpertKey>> = state.asked.iter().map(|&k| vec![k]).collect();
+        replay(&steps, state.stats.capacity, CachePolicy::Belady).hit_rate()
     }
 }
 
@@ -274,6 +320,7 @@ impl Shared {
         let key = (layer as u32, e as u32);
         let start = Instant::now();
         let mut state = self.lock();
+        state.asked.push(key);
         let mut waited = false;
         while state.loading.contains(&key) {
             waited = true;
@@ -349,7 +396,7 @@ impl ExpertSource for LayerSource {
             let tx = tx.lock().unwrap_or_else(|p| p.into_inner());
             for &e in experts {
                 // A send fails only once the worker is gone, with the store: nothing to do.
-                let _ = tx.send((self.layer, e, device.clone()));
+                let _ = tx.send(Request::Load(self.layer, e, device.clone()));
             }
         }
     }

@@ -86,6 +86,7 @@ fn paged_models_match_the_resident_model_bit_for_bit(
         assert_eq!(unset.len(), 3 * LAYERS, "only the routed experts stay out");
         assert!(unset.iter().all(|n| n.contains("experts.w_")), "{unset:?}");
         let got = run(&ckpt.model);
+        store.settle();
         let what = format!("{backend}, {experts} experts, {policy:?}, prefetch {prefetch}");
         assert!(got.0 == expected.0, "{what}: logits differ");
         assert_eq!(got.1, expected.1, "{what}");
@@ -100,6 +101,14 @@ fn paged_models_match_the_resident_model_bit_for_bit(
             ..
         } = store.stats();
         assert_eq!(capacity, experts);
+        let belady = store.belady_hit_rate();
+        if !prefetch {
+            // Nothing beats the optimum on the same requests.
+            assert!(
+                store.stats().hit_rate() <= belady + 1e-12,
+                "{what}: {belady}"
+            );
+        }
         if prefetch {
             assert!(prefetched > 0 && prefetch_used <= prefetched, "{what}");
             assert!(bytes_fetched <= (misses + prefetched) * EXPERT_BYTES as u64);
