@@ -130,10 +130,11 @@ pub fn cache_sim(a: CacheSimArgs) -> anyhow::Result<()> {
         "budget", "experts", "policy", "hit rate", "of belady"
     );
     for r in rows {
+        let mib = r["budget_bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64;
         println!(
             "{:>12} {:>9} {:>8} {:>8.1}% {:>9.1}%",
-            r["budget_bytes"],
-            r["capacity"],
+            format!("{mib:.0} MiB"),
+            r["capacity"].as_u64().unwrap_or(0),
             r["policy"].as_str().unwrap_or(""),
             100.0 * r["hit_rate"].as_f64().unwrap_or(0.0),
             100.0 * r["of_belady"].as_f64().unwrap_or(0.0)
