@@ -201,6 +201,24 @@ pub fn import_hf(a: ImportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Saves `model`, made from the checkpoint in `source`, at `out` with that checkpoint's
+/// tokenizer: its description `tokenizer` and any tokenizer files it carries.
+fn save_derived(
+    out: &std::path::Path,
+    model: &moe_model::MoeLm,
+    tokenizer: Option<&serde_json::Value>,
+    source: &std::path::Path,
+    overwrite: bool,
+) -> anyhow::Result<PathBuf> {
+    let writer = CheckpointWriter::new(out)?;
+    writer.write_model(model)?;
+    if let Some(spec) = tokenizer {
+        writer.write_json(checkpoint::TOKENIZER_FILE, spec)?;
+    }
+    hf_tokenizer::carry(source, writer.dir())?;
+    Ok(writer.commit(overwrite)?)
+}
+
 /// Arguments of `moe upcycle`.
 #[derive(Args, Debug)]
 pub struct UpcycleArgs {
@@ -242,13 +260,13 @@ pub fn upcycle(a: UpcycleArgs) -> anyhow::Result<()> {
     let moe = MoeLayerConfig::new(d, ckpt.model.config.d_ff, a.experts)
         .with_router(RouterConfig::mixtral().with_top_k(a.top_k));
     let model = up::upcycle(ckpt.model, moe, a.noise, a.seed)?;
-    let writer = CheckpointWriter::new(&a.out)?;
-    writer.write_model(&model)?;
-    if let Some(spec) = &ckpt.tokenizer {
-        writer.write_json(checkpoint::TOKENIZER_FILE, spec)?;
-    }
-    hf_tokenizer::carry(&ckpt.dir, writer.dir())?;
-    let dir = writer.commit(a.overwrite)?;
+    let dir = save_derived(
+        &a.out,
+        &model,
+        ckpt.tokenizer.as_ref(),
+        &ckpt.dir,
+        a.overwrite,
+    )?;
     println!(
         "upcycled {} -> {} ({} experts, top-{})",
         a.dense.display(),
@@ -295,13 +313,13 @@ pub fn quantize(a: QuantizeArgs) -> anyhow::Result<()> {
         );
     }
     let model = quantize_experts(ckpt.model, a.experts)?;
-    let writer = CheckpointWriter::new(&a.out)?;
-    writer.write_model(&model)?;
-    if let Some(spec) = &ckpt.tokenizer {
-        writer.write_json(checkpoint::TOKENIZER_FILE, spec)?;
-    }
-    hf_tokenizer::carry(&ckpt.dir, writer.dir())?;
-    let dir = writer.commit(a.overwrite)?;
+    let dir = save_derived(
+        &a.out,
+        &model,
+        ckpt.tokenizer.as_ref(),
+        &ckpt.dir,
+        a.overwrite,
+    )?;
     let size = |d: &std::path::Path| -> anyhow::Result<Vec<weights::StoredBytes>> {
         Ok(weights::stored_in_burnpack(
             &d.join(checkpoint::WEIGHTS_FILE),

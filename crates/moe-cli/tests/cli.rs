@@ -485,16 +485,7 @@ fn export_hf_round_trips_through_import_hf() {
 #[test]
 fn trace_then_cache_sim() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = moe_model::ModelConfig::new()
-        .with_d_model(32)
-        .with_n_layers(2)
-        .with_n_heads(2)
-        .with_n_kv_heads(1)
-        .with_d_ff(64)
-        .with_max_seq_len(64)
-        .with_moe(moe_core::MoeLayerConfig::new(32, 32, 8))
-        .init_seeded(&burn::tensor::Device::flex(), 3)
-        .unwrap();
+    let model = tiny_moe_of_8(3);
     let ckpt = tmp.path().join("ckpt");
     moe_model::checkpoint::save(&ckpt, &model, None, false).unwrap();
     let trace = tmp.path().join("trace.jsonl");
@@ -567,16 +558,7 @@ fn trace_then_cache_sim() {
 #[test]
 fn quantize_then_generate_resident_and_paged() {
     let tmp = tempfile::tempdir().unwrap();
-    let model = moe_model::ModelConfig::new()
-        .with_d_model(32)
-        .with_n_layers(2)
-        .with_n_heads(2)
-        .with_n_kv_heads(1)
-        .with_d_ff(64)
-        .with_max_seq_len(64)
-        .with_moe(moe_core::MoeLayerConfig::new(32, 32, 8))
-        .init_seeded(&burn::tensor::Device::flex(), 5)
-        .unwrap();
+    let model = tiny_moe_of_8(5);
     let ckpt = tmp.path().join("ckpt");
     moe_model::checkpoint::save(&ckpt, &model, None, false).unwrap();
     let (ckpt_s, q) = (
@@ -613,4 +595,18 @@ fn quantize_then_generate_resident_and_paged() {
     let paged = generate(&["--expert-budget", "40KiB", "--prefetch"]);
     assert_eq!(paged["new_tokens"], resident["new_tokens"]);
     assert!(paged["expert_store"]["misses"].as_u64().unwrap() > 0);
+}
+
+/// A 2-layer MoE of 8 experts (d_model 32, d_ff 32, top-2) drawn from `seed`.
+fn tiny_moe_of_8(seed: u64) -> moe_model::MoeLm {
+    moe_model::ModelConfig::new()
+        .with_d_model(32)
+        .with_n_layers(2)
+        .with_n_heads(2)
+        .with_n_kv_heads(1)
+        .with_d_ff(64)
+        .with_max_seq_len(64)
+        .with_moe(moe_core::MoeLayerConfig::new(32, 32, 8))
+        .init_seeded(&burn::tensor::Device::flex(), seed)
+        .unwrap()
 }
