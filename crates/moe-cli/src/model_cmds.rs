@@ -81,6 +81,7 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             "text": text,
             "seconds": seconds,
             "tokens_per_second": new.len() as f64 / seconds.max(1e-9),
+            "peak_rss_bytes": peak_rss_bytes(),
         });
         if let Some(store) = &store {
             store.settle();
@@ -96,6 +97,15 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         println!("{}{}", a.prompt.echo(), text);
     }
     Ok(())
+}
+
+/// This process's peak resident memory so far (`VmHWM` of `/proc/self/status`), where the
+/// system reports it (Linux).
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// Arguments of `moe logits`.

@@ -592,6 +592,9 @@ fn quantize_then_generate_resident_and_paged() {
         serde_json::from_str(&stdout(&o)).unwrap()
     };
     let resident = generate(&[]);
+    if cfg!(target_os = "linux") {
+        assert!(resident["peak_rss_bytes"].as_u64().unwrap() > 1 << 20);
+    }
     let paged = generate(&["--expert-budget", "40KiB", "--prefetch"]);
     assert_eq!(paged["new_tokens"], resident["new_tokens"]);
     assert!(paged["expert_store"]["misses"].as_u64().unwrap() > 0);
