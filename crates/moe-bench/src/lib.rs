@@ -30,6 +30,7 @@
 
 pub mod breakdown;
 pub mod case;
+pub mod decode;
 pub mod report;
 pub mod sizes;
 pub mod suite;
@@ -37,6 +38,7 @@ pub mod timing;
 
 pub use breakdown::{Breakdown, breakdown};
 pub use case::{BenchCase, BenchInput, dense_case, model_case, moe_case};
+pub use decode::{DecodeCase, decode_speed};
 pub use report::{BenchReport, CaseResult, FailedCase, run};
 pub use sizes::BenchSizes;
 pub use suite::{RATIOS, cases};

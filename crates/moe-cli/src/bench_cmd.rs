@@ -1,7 +1,9 @@
 //! `moe bench`: MoE against dense feed-forward blocks on one backend, measured.
 
 use clap::Args;
-use moe_bench::{BenchBudget, BenchSizes, run};
+use moe_bench::{BenchBudget, BenchSizes, decode_speed, run};
+
+use crate::budget::BudgetArgs;
 
 /// Arguments of `moe bench`.
 #[derive(Args, Debug)]
@@ -18,6 +20,23 @@ pub struct BenchArgs {
     /// Tokens per call (default 2048, the size the targets are stated for).
     #[arg(long)]
     tokens: Option<usize>,
+    /// Instead of the layer cases, prefill and greedy decode speed of this checkpoint, one
+    /// sequence at a time.
+    #[arg(long, value_name = "CKPT")]
+    decode: Option<std::path::PathBuf>,
+    /// Prompt lengths for --decode.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "128,1024",
+        requires = "decode"
+    )]
+    context: Vec<usize>,
+    /// Tokens decoded after each prompt, for --decode.
+    #[arg(long, default_value_t = 32, requires = "decode")]
+    new_tokens: usize,
+    #[command(flatten)]
+    budget: BudgetArgs,
 }
 
 /// The project's targets for each ratio (flex, release build, 2 cores).
@@ -27,8 +46,72 @@ const TARGETS: [(&str, f64); 3] = [
     ("moe_vs_dense_total_e64_fwd", 25.0),
 ];
 
+/// Runs `moe bench --decode CKPT`.
+fn bench_decode(a: &BenchArgs, ckpt: &std::path::Path) -> anyhow::Result<()> {
+    let device = crate::device(&a.device)?;
+    let dir = crate::resolve_checkpoint(ckpt)?;
+    let (ckpt, store) = a.budget.load(&dir, &device)?;
+    let max = ckpt.model.config.max_seq_len;
+    // Contexts the model cannot hold are left out, and said so.
+    let (fit, skipped): (Vec<usize>, Vec<usize>) = a
+        .context
+        .iter()
+        .partition(|&&c| c > 0 && c + a.new_tokens <= max);
+    anyhow::ensure!(
+        !fit.is_empty(),
+        "no --context fits the model's context of {max} with {} new tokens",
+        a.new_tokens
+    );
+    let cases = decode_speed(&ckpt.model, &fit, a.new_tokens).map_err(anyhow::Error::msg)?;
+    let stats = store.as_ref().map(|s| {
+        s.settle();
+        s.stats()
+    });
+    if a.json {
+        let out = serde_json::json!({
+            "device": a.device, "checkpoint": dir, "cases": cases,
+            "skipped_contexts": skipped, "expert_store": stats,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("{} on {} (batch 1, greedy)", dir.display(), a.device);
+    println!(
+        "{:>8} {:>16} {:>16}",
+        "context", "prefill tok/s", "decode tok/s"
+    );
+    for c in &cases {
+        println!(
+            "{:>8} {:>16.1} {:>16.2}",
+            c.context, c.prefill_tokens_per_s, c.decode_tokens_per_s
+        );
+    }
+    for c in skipped {
+        println!(
+            "{c:>8}   skipped: {c} + {} exceeds the context of {max}",
+            a.new_tokens
+        );
+    }
+    if let Some(s) = stats {
+        println!(
+            "expert store: {} experts resident at most, hit rate {:.1}%, {:.0} MiB read",
+            s.capacity,
+            100.0 * s.hit_rate(),
+            s.bytes_fetched as f64 / (1 << 20) as f64
+        );
+    }
+    Ok(())
+}
+
 /// Runs `moe bench`.
 pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    if let Some(ckpt) = a.decode.clone() {
+        return bench_decode(&a, &ckpt);
+    }
+    anyhow::ensure!(
+        !a.budget.is_set(),
+        "--expert-budget applies to a checkpoint: use it with --decode CKPT"
+    );
     let device = crate::device(&a.device)?;
     let mut sizes = BenchSizes::default();
     if let Some(t) = a.tokens {

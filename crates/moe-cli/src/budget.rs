@@ -36,6 +36,11 @@ fn parse_policy(s: &str) -> Result<CachePolicy, String> {
 }
 
 impl BudgetArgs {
+    /// Whether a budget was asked for.
+    pub fn is_set(&self) -> bool {
+        self.expert_budget.is_some()
+    }
+
     /// Loads checkpoint `dir` on `device`: fully resident, or paged under the budget.
     pub fn load(
         &self,

@@ -613,3 +613,44 @@ fn tiny_moe_of_8(seed: u64) -> moe_model::MoeLm {
         .init_seeded(&burn::tensor::Device::flex(), seed)
         .unwrap()
 }
+
+/// `moe bench --decode CKPT`: prefill and decode speed per context; contexts the model cannot
+/// hold are listed as skipped; with a budget the store's counts come along.
+#[test]
+fn bench_decode_of_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("ckpt");
+    moe_model::checkpoint::save(&ckpt, &tiny_moe_of_8(2), None, false).unwrap();
+    let ckpt = ckpt.display().to_string();
+    let args = [
+        "bench",
+        "--decode",
+        &ckpt,
+        "--context",
+        "8,16,200",
+        "--new-tokens",
+        "4",
+        "--json",
+    ];
+    let o = moe(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let cases = out["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 2);
+    assert_eq!(out["skipped_contexts"], serde_json::json!([200]));
+    for c in cases {
+        assert!(c["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert!(c["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    }
+    let o = moe(&[&args[..], &["--expert-budget", "40KiB"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!(out["expert_store"]["misses"].as_u64().unwrap() > 0);
+    let o = moe(&["bench", "--expert-budget", "40KiB"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("use it with --decode"),
+        "{}",
+        stderr(&o)
+    );
+}
