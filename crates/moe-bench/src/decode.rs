@@ -71,8 +71,6 @@ fn run_once(model: &MoeLm, context: usize, new_tokens: usize) -> DecodeCase {
 /// Runs `ids` after the cached ones and returns the most likely next token (read back).
 fn step(model: &MoeLm, ids: &[i64], cache: &mut KvCache, device: &Device) -> i64 {
     let tokens = Tensor::<1, Int>::from_ints(ids, device).reshape([1, ids.len()]);
-    let logits = model.forward_cached(tokens, None, cache).logits; // [1, s, vocab]
-    let [_, s, v] = logits.dims();
-    let last = logits.slice([0..1, s - 1..s, 0..v]).reshape([v]);
-    last.argmax(0).into_scalar::<i64>()
+    let last = model.forward_last(tokens, cache); // [1, vocab]
+    last.argmax(1).into_scalar::<i64>()
 }

@@ -8,7 +8,7 @@ use burn::tensor::DType;
 use clap::Args;
 use moe_core::{MoeLayerConfig, RouterConfig};
 use moe_model::checkpoint::CheckpointWriter;
-use moe_model::generate::{Sampling, check_prompt, generate as run_generate};
+use moe_model::generate::{Sampling, check_prompt, generate_streaming};
 use moe_model::quantize::{ExpertQuant, quantize_experts};
 use moe_model::{checkpoint, hf, upcycle as up, weights};
 use moe_train::HfTokenizer;
@@ -42,7 +42,11 @@ pub struct GenerateArgs {
     /// Sampler seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Print JSON: {"prompt_tokens", "new_tokens", "text"}.
+    /// Stop once the generated text contains this string (repeatable); the text ends before it.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Print JSON: {"prompt_tokens", "new_tokens", "text", ...} at the end, instead of
+    /// printing the text as it is generated.
     #[arg(long)]
     json: bool,
     /// Device.
@@ -50,6 +54,93 @@ pub struct GenerateArgs {
     device: String,
     #[command(flatten)]
     budget: BudgetArgs,
+}
+
+/// Generated text as it grows: cut at the first stop string, and printed as it comes when
+/// streaming, holding back what could still turn into a stop string or is an unfinished
+/// character.
+struct TextStream<'a> {
+    codec: &'a Codec,
+    stops: &'a [String],
+    print: bool,
+    tokens: Vec<u32>,
+    printed: String,
+    stopped: bool,
+}
+
+impl<'a> TextStream<'a> {
+    fn new(codec: &'a Codec, stops: &'a [String], print: bool) -> Self {
+        Self {
+            codec,
+            stops,
+            print,
+            tokens: Vec::new(),
+            printed: String::new(),
+            stopped: false,
+        }
+    }
+
+    /// The text of the tokens so far, cut before the first stop string.
+    fn text(&mut self) -> String {
+        let text = self.codec.decode(&self.tokens);
+        match self
+            .stops
+            .iter()
+            .filter_map(|s| text.find(s.as_str()))
+            .min()
+        {
+            Some(cut) => {
+                self.stopped = true;
+                text[..cut].to_string()
+            }
+            None => text,
+        }
+    }
+
+    /// Takes a new token; false once a stop string has appeared.
+    fn push(&mut self, token: u32) -> bool {
+        self.tokens.push(token);
+        let text = self.text();
+        let hold = if self.stopped {
+            0
+        } else {
+            self.stops
+                .iter()
+                .map(String::len)
+                .max()
+                .unwrap_or(1)
+                .saturating_sub(1)
+        };
+        let mut end = text.len().saturating_sub(hold);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let ready = text[..end].trim_end_matches('\u{FFFD}');
+        self.emit(ready);
+        !self.stopped
+    }
+
+    /// Prints what of `ready` has not been printed, if it continues what was.
+    fn emit(&mut self, ready: &str) {
+        if self.print
+            && ready.len() > self.printed.len()
+            && let Some(rest) = ready.strip_prefix(self.printed.as_str())
+        {
+            print!("{rest}");
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+            self.printed = ready.to_string();
+        }
+    }
+
+    /// The final text, its unprinted end printed.
+    fn finish(mut self) -> String {
+        let text = self.text();
+        self.emit(&text);
+        if self.print {
+            println!();
+        }
+        text
+    }
 }
 
 /// Runs `moe generate`.
@@ -70,10 +161,21 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         }
     };
     let eos = codec.eos(vocab_size);
+    if !a.json {
+        print!("{}", a.prompt.echo());
+    }
+    let mut stream = TextStream::new(&codec, &a.stop, !a.json);
     let start = std::time::Instant::now();
-    let new = run_generate(&ckpt.model, &prompt, a.max_new_tokens, &sampling, &eos)?;
+    let new = generate_streaming(
+        &ckpt.model,
+        &prompt,
+        a.max_new_tokens,
+        &sampling,
+        &eos,
+        |t| stream.push(t),
+    )?;
     let seconds = start.elapsed().as_secs_f64();
-    let text = codec.decode(&new);
+    let text = stream.finish();
     if a.json {
         let mut out = serde_json::json!({
             "prompt_tokens": prompt,
@@ -93,8 +195,6 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             out["expert_store"]["belady_hit_rate"] = store.belady_hit_rate().into();
         }
         println!("{out}");
-    } else {
-        println!("{}{}", a.prompt.echo(), text);
     }
     Ok(())
 }

@@ -267,3 +267,45 @@ fn bf16_import_and_its_tokenizer_carry_through_training() {
     let got = greedy(&trained.display().to_string(), &["--prompt", prompt], 2);
     assert_eq!(ids(&got["prompt_tokens"]), ids(&expected["prompt_ids"]));
 }
+
+/// `--stop` ends the text before the first stop string and stops generating; the streamed text
+/// mode prints the prompt and the same text.
+#[test]
+fn stop_strings_and_streamed_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    let free = fixture_without(&tmp.path().join("free-hf"), &["generation_config.json"]);
+    let free = import(&free, &tmp.path().join("free"));
+    let full = greedy(&free, &["--prompt", "Hello"], 24);
+    let text = full["text"].as_str().unwrap().to_string();
+    let chars: Vec<char> = text.chars().collect();
+    assert!(chars.len() >= 6, "fixture text too short: {text:?}");
+    let stop: String = chars[3..5].iter().collect();
+    let cut = text.find(&stop).unwrap();
+    let stopped = greedy(&free, &["--prompt", "Hello", "--stop", &stop], 24);
+    assert_eq!(stopped["text"].as_str().unwrap(), &text[..cut]);
+    let (all, short) = (ids(&full["new_tokens"]), ids(&stopped["new_tokens"]));
+    assert!(short.len() <= all.len() && all.starts_with(&short));
+
+    let printed = ok(&[
+        "generate",
+        &free,
+        "--prompt",
+        "Hello",
+        "--greedy",
+        "--max-new-tokens",
+        "24",
+    ]);
+    assert_eq!(printed, format!("Hello{text}\n"));
+    let printed = ok(&[
+        "generate",
+        &free,
+        "--prompt",
+        "Hello",
+        "--greedy",
+        "--max-new-tokens",
+        "24",
+        "--stop",
+        &stop,
+    ]);
+    assert_eq!(printed, format!("Hello{}\n", &text[..cut]));
+}

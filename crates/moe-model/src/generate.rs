@@ -150,6 +150,22 @@ pub fn generate(
     sampling: &Sampling,
     eos: &[u32],
 ) -> Result<Vec<u32>> {
+    generate_streaming(model, prompt, max_new_tokens, sampling, eos, |_| true)
+}
+
+/// [`generate`], handing each new token to `on_token` as soon as it is sampled; generation
+/// stops after a token for which `on_token` returns false (a stop string, a closed output).
+///
+/// Each step runs only the new token through the blocks (the KV cache holds the rest) and the
+/// output head only at the last position.
+pub fn generate_streaming(
+    model: &MoeLm,
+    prompt: &[u32],
+    max_new_tokens: usize,
+    sampling: &Sampling,
+    eos: &[u32],
+    mut on_token: impl FnMut(u32) -> bool,
+) -> Result<Vec<u32>> {
     sampling.validate()?;
     let config = &model.config;
     check_prompt(config, prompt)?;
@@ -162,16 +178,14 @@ pub fn generate(
     while out.len() < budget {
         let ids: Vec<i64> = next.iter().map(|&t| i64::from(t)).collect();
         let tokens = Tensor::<1, Int>::from_ints(ids.as_slice(), &device).reshape([1, ids.len()]);
-        let logits = model.forward_cached(tokens, None, &mut cache).logits; // [1, s, vocab]
-        let [_, s, v] = logits.dims();
-        let last: Vec<f32> = logits
-            .slice([0..1, s - 1..s, 0..v])
+        let last: Vec<f32> = model
+            .forward_last(tokens, &mut cache) // [1, vocab]
             .into_data()
             .try_into_vec_as::<f32>()
             .expect("float logits");
         let token = sample(&last, sampling, &mut rng)?;
         out.push(token);
-        if eos.contains(&token) {
+        if !on_token(token) || eos.contains(&token) {
             break;
         }
         next = vec![token];

@@ -224,6 +224,34 @@ impl MoeLm {
         mask: Option<Tensor<2, Bool>>,
         cache: &mut KvCache,
     ) -> ModelOutput {
+        let (x, aux, routing) = self.blocks_cached(tokens, mask, cache);
+        ModelOutput {
+            logits: self.head(x),
+            aux,
+            routing,
+        }
+    }
+
+    /// The next-token logits of the last position only, for generation: the blocks run over
+    /// every new token (extending the cache), the output head over the last one.
+    ///
+    /// tokens: `[batch, seq]` -> `[batch, vocab]`
+    pub fn forward_last(&self, tokens: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<2> {
+        let (x, _, _) = self.blocks_cached(tokens, None, cache);
+        let [b, s, d] = x.dims();
+        let logits = self.head(x.slice([0..b, s - 1..s, 0..d])); // [b, 1, vocab]
+        let v = logits.dims()[2];
+        logits.reshape([b, v])
+    }
+
+    /// The blocks over new tokens after the cached ones: the final hidden states
+    /// `[batch, seq, d_model]`, the summed auxiliary losses and each MoE layer's statistics.
+    fn blocks_cached(
+        &self,
+        tokens: Tensor<2, Int>,
+        mask: Option<Tensor<2, Bool>>,
+        cache: &mut KvCache,
+    ) -> (Tensor<3>, Option<AuxLosses>, Vec<(usize, RoutingStats)>) {
         let [_, s] = tokens.dims();
         let start = cache.len();
         let device = tokens.device();
@@ -253,19 +281,21 @@ impl MoeLm {
                 routing.push((i, stats));
             }
         }
+        (x, aux, routing)
+    }
+
+    /// Final norm, output projection and logits multiplier.
+    ///
+    /// x: `[batch, seq, d_model]` -> `[batch, seq, vocab]`
+    fn head(&self, x: Tensor<3>) -> Tensor<3> {
         let x = self.norm.forward(x);
         let logits = match &self.lm_head {
             Some(head) => head.forward(x),
             None => x.matmul(self.embed.weight.val().transpose().unsqueeze_dim(0)), // [b, s, vocab]
         };
-        let logits = match self.config.logits_multiplier {
+        match self.config.logits_multiplier {
             Some(m) => logits.mul_scalar(m),
             None => logits,
-        };
-        ModelOutput {
-            logits,
-            aux,
-            routing,
         }
     }
 }
