@@ -48,6 +48,7 @@ const TARGETS: [(&str, f64); 3] = [
 
 /// Runs `moe bench --decode CKPT`.
 fn bench_decode(a: &BenchArgs, ckpt: &std::path::Path) -> anyhow::Result<()> {
+    crate::tune_allocator_for_inference();
     let device = crate::device(&a.device)?;
     let dir = crate::resolve_checkpoint(ckpt)?;
     let (ckpt, store) = a.budget.load(&dir, &device)?;

@@ -126,6 +126,22 @@ fn one_line(e: &anyhow::Error) -> String {
     line.replace('\n', " ")
 }
 
+/// Keeps glibc's allocator from returning memory to the system between decode steps. With its
+/// defaults, the buffers a decode step frees (KV caches grown by concatenation, K/V repeated per
+/// head) are unmapped or trimmed and faulted back in at the next step: at a 1024-token context a
+/// 890M-parameter MoE decoded at 10 tokens/s instead of 25-29, depending on what ran before.
+/// Allocations below 64 MiB come from the heap, and up to 128 MiB of freed heap is kept (1 GiB
+/// kept decode as fast but raised the peak memory under an expert budget by 12%).
+/// Inference commands call it; imports do not need it.
+pub(crate) fn tune_allocator_for_inference() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator parameters; called before the model is built.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
+    }
+}
+
 /// Opens a device by name, as every command does.
 pub(crate) fn device(name: &str) -> anyhow::Result<burn::tensor::Device> {
     Ok(moe_core::parse_device(name)?)
