@@ -28,7 +28,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
     /// Always take the most likely token.
-    #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p"])]
+    #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p", "min_p"])]
     greedy: bool,
     /// Softmax temperature.
     #[arg(long, default_value_t = 0.8)]
@@ -39,6 +39,12 @@ pub struct GenerateArgs {
     /// Sample from the smallest set of tokens with probability at least p.
     #[arg(long)]
     top_p: Option<f64>,
+    /// Sample among the tokens at least this share as likely as the most likely one.
+    #[arg(long)]
+    min_p: Option<f64>,
+    /// Discourage tokens already in the prompt or output (above 1; transformers' rule).
+    #[arg(long)]
+    repetition_penalty: Option<f64>,
     /// Sampler seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -151,15 +157,13 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let vocab_size = ckpt.model.config.vocab_size;
     let codec = Codec::for_checkpoint(&ckpt)?;
     let prompt = codec.tokens(&a.prompt, vocab_size, &ckpt.dir)?;
-    let sampling = if a.greedy {
-        Sampling::greedy()
-    } else {
-        Sampling {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            seed: a.seed,
-        }
+    let sampling = Sampling {
+        temperature: if a.greedy { 0.0 } else { a.temperature },
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+        min_p: a.min_p,
+        repetition_penalty: a.repetition_penalty,
     };
     let eos = codec.eos(vocab_size);
     if !a.json {

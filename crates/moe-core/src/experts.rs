@@ -155,6 +155,13 @@ impl Experts {
              or Padded"
         );
         let [_, d, f] = self.dims();
+        if self.source.is_none() {
+            // Lazily initialised weights are drawn here, once, rather than by several chains
+            // at the same time (each would draw its own).
+            for w in [&self.w_gate, &self.w_up, &self.w_down] {
+                let _ = w.val();
+            }
+        }
         let starts = counts.iter().scan(0, |next, &c| {
             *next += c;
             Some(*next - c)

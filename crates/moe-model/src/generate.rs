@@ -19,6 +19,11 @@ pub struct Sampling {
     pub top_p: Option<f64>,
     /// Seed of the sampler.
     pub seed: u64,
+    /// Keep only tokens whose probability is at least this share of the most likely one's.
+    pub min_p: Option<f64>,
+    /// Penalise tokens already in the prompt or the output (transformers' rule: a positive
+    /// logit is divided by it, a negative one multiplied); above 1 discourages repeats.
+    pub repetition_penalty: Option<f64>,
 }
 
 impl Sampling {
@@ -29,6 +34,8 @@ impl Sampling {
             top_k: None,
             top_p: None,
             seed: 0,
+            min_p: None,
+            repetition_penalty: None,
         }
     }
 
@@ -48,6 +55,20 @@ impl Sampling {
         {
             return Err(ModelError::Generation(format!(
                 "top-p must be in (0, 1], got {p}"
+            )));
+        }
+        if let Some(p) = self.min_p
+            && !(0.0..=1.0).contains(&p)
+        {
+            return Err(ModelError::Generation(format!(
+                "min-p must be in [0, 1], got {p}"
+            )));
+        }
+        if let Some(r) = self.repetition_penalty
+            && !(r > 0.0 && r.is_finite())
+        {
+            return Err(ModelError::Generation(format!(
+                "the repetition penalty must be positive, got {r}"
             )));
         }
         Ok(())
@@ -85,10 +106,14 @@ fn pick(logits: &[f32], sampling: &Sampling, rng: &mut StdRng) -> u32 {
         return argmax();
     }
     let mut order: Vec<usize> = (0..logits.len()).collect();
-    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    if let Some(k) = sampling.top_k {
-        order.truncate(k.max(1));
+    // Most likely first, ties by token id: the order a stable sort by logit gives.
+    let rank = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+    if let Some(k) = sampling.top_k.filter(|&k| k < order.len()) {
+        // Partial selection: the k best, then only those sorted.
+        order.select_nth_unstable_by(k - 1, rank);
+        order.truncate(k);
     }
+    order.sort_unstable_by(rank);
     let max = f64::from(logits[order[0]]);
     let mut probs: Vec<f64> = order
         .iter()
@@ -96,6 +121,12 @@ fn pick(logits: &[f32], sampling: &Sampling, rng: &mut StdRng) -> u32 {
         .collect();
     let total: f64 = probs.iter().sum();
     probs.iter_mut().for_each(|p| *p /= total);
+    if let Some(min_p) = sampling.min_p {
+        // probs[0] is the most likely token's; probabilities fall along `order`.
+        let keep = probs.iter().take_while(|&&p| p >= min_p * probs[0]).count();
+        probs.truncate(keep.max(1));
+        order.truncate(keep.max(1));
+    }
     if let Some(top_p) = sampling.top_p {
         let mut mass = 0.0;
         let keep = probs
@@ -117,6 +148,21 @@ fn pick(logits: &[f32], sampling: &Sampling, rng: &mut StdRng) -> u32 {
         }
     }
     order[order.len() - 1] as u32
+}
+
+/// Applies a repetition penalty to the logits of every token in `seen` (each once):
+/// transformers' rule, a positive logit divided by `penalty`, a negative one multiplied.
+pub fn penalize_repeats<'a>(logits: &mut [f32], seen: impl Iterator<Item = &'a u32>, penalty: f64) {
+    let mut done = std::collections::HashSet::new();
+    for &t in seen {
+        let Some(l) = logits.get_mut(t as usize) else {
+            continue;
+        };
+        if done.insert(t) {
+            let p = penalty as f32;
+            *l = if *l > 0.0 { *l / p } else { *l * p };
+        }
+    }
 }
 
 /// Checks that a model can take `prompt`: not empty, within its context, and every token id
@@ -178,11 +224,14 @@ pub fn generate_streaming(
     while out.len() < budget {
         let ids: Vec<i64> = next.iter().map(|&t| i64::from(t)).collect();
         let tokens = Tensor::<1, Int>::from_ints(ids.as_slice(), &device).reshape([1, ids.len()]);
-        let last: Vec<f32> = model
+        let mut last: Vec<f32> = model
             .forward_last(tokens, &mut cache) // [1, vocab]
             .into_data()
             .try_into_vec_as::<f32>()
             .expect("float logits");
+        if let Some(penalty) = sampling.repetition_penalty {
+            penalize_repeats(&mut last, prompt.iter().chain(&out), penalty);
+        }
         let token = sample(&last, sampling, &mut rng)?;
         out.push(token);
         if !on_token(token) || eos.contains(&token) {
@@ -215,6 +264,7 @@ mod tests {
             top_k: Some(1),
             top_p: None,
             seed: 7,
+            ..Sampling::greedy()
         };
         for _ in 0..50 {
             assert_eq!(sample(&logits, &top1, &mut rng).unwrap(), 1);
@@ -225,6 +275,7 @@ mod tests {
             top_k: None,
             top_p: Some(0.9),
             seed: 7,
+            ..Sampling::greedy()
         };
         let picks: Vec<u32> = (0..200)
             .map(|_| sample(&logits, &nucleus, &mut rng).unwrap())
@@ -241,6 +292,7 @@ mod tests {
             top_k: Some(10),
             top_p: Some(0.95),
             seed: 3,
+            ..Sampling::greedy()
         };
         let draw = || {
             let mut rng = StdRng::seed_from_u64(s.seed);
@@ -287,6 +339,51 @@ mod tests {
         }
     }
 
+    /// min-p keeps the tokens within a share of the best one; the repetition penalty follows
+    /// transformers' rule, once per token.
+    #[test]
+    fn min_p_and_repetition_penalty() {
+        let logits = [0.0, 5.0, 4.9, 2.0];
+        let s = Sampling {
+            temperature: 1.0,
+            min_p: Some(0.5),
+            ..Sampling::greedy()
+        };
+        let mut rng = StdRng::seed_from_u64(1);
+        let picks: Vec<u32> = (0..200)
+            .map(|_| sample(&logits, &s, &mut rng).unwrap())
+            .collect();
+        assert!(
+            picks.iter().all(|t| *t == 1 || *t == 2),
+            "token 3 is below 0.5 x the best"
+        );
+        let mut penalized = [2.0, -2.0, 1.0];
+        penalize_repeats(&mut penalized, [0u32, 1, 0, 7].iter(), 2.0);
+        assert_eq!(penalized, [1.0, -4.0, 1.0]);
+    }
+
+    /// Partial selection for top-k picks what a full sort would, ties included.
+    #[test]
+    fn top_k_by_partial_selection_matches_a_full_sort() {
+        let logits: Vec<f32> = (0..64).map(|i| ((i * 37) % 11) as f32).collect();
+        for k in [1, 3, 7, 20, 64, 100] {
+            let s = Sampling {
+                temperature: 0.7,
+                top_k: Some(k),
+                seed: 9,
+                ..Sampling::greedy()
+            };
+            let mut full: Vec<usize> = (0..logits.len()).collect();
+            full.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+            full.truncate(k);
+            let mut rng = StdRng::seed_from_u64(9);
+            for _ in 0..50 {
+                let t = sample(&logits, &s, &mut rng).unwrap() as usize;
+                assert!(full.contains(&t), "k {k}: {t} is outside the top-k");
+            }
+        }
+    }
+
     #[test]
     fn bad_settings_are_refused() {
         for s in [
@@ -304,6 +401,14 @@ mod tests {
             },
             Sampling {
                 top_p: Some(1.5),
+                ..Sampling::greedy()
+            },
+            Sampling {
+                min_p: Some(1.5),
+                ..Sampling::greedy()
+            },
+            Sampling {
+                repetition_penalty: Some(0.0),
                 ..Sampling::greedy()
             },
         ] {

@@ -520,6 +520,7 @@ fn generation_is_reproducible_and_bounded(#[values("flex", "ndarray", "wgpu")] b
         top_k: Some(8),
         top_p: Some(0.9),
         seed: 5,
+        ..Sampling::greedy()
     };
     assert_eq!(
         generate(&model, &[4], 10, &s, &[]).unwrap(),

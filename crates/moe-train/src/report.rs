@@ -159,6 +159,7 @@ pub fn samples(
         top_k: Some(20),
         top_p: Some(0.95),
         seed,
+        ..Sampling::greedy()
     };
     corpus
         .domains
