@@ -25,7 +25,7 @@
 //!
 //! Modules, each importing only those before it: [`sizes`] (what is measured), [`timing`]
 //! (how long, the median, the matmul baseline), [`case`] (one case), [`suite`] (the cases and
-//! ratios of a run), [`breakdown`] (an MoE layer's stages), [`report`] (a whole run).
+//! ratios of a run), [`breakdown`](mod@breakdown) (an MoE layer's stages), [`report`] (a whole run).
 #![warn(missing_docs)]
 
 pub mod breakdown;

@@ -3,7 +3,10 @@
 //! A Mixture-of-Experts feed-forward layer for [Burn](https://burn.dev): routers (top-k softmax,
 //! Switch top-1, DeepSeek-V3 sigmoid with a balancing bias, expert choice), dropless or
 //! capacity-limited dispatch, shared and fine-grained experts, balancing losses, routing
-//! statistics, and parameter/FLOP accounting. No model, no I/O.
+//! statistics, and parameter/FLOP accounting. No model, no I/O. An expert bank can be paged:
+//! it then obtains each routed expert's weights through an [`ExpertSource`] (an expert store
+//! keeping some experts resident under a budget), and [`cache`] holds the eviction policies
+//! (LRU, LFU, and Belady's optimum for replays).
 //!
 //! ```no_run
 //! use burn::prelude::*;

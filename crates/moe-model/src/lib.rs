@@ -3,7 +3,10 @@
 //! A decoder-only transformer language model built on `moe-core`'s MoE layer: pre-norm blocks with
 //! RMSNorm, causal grouped-query attention with rotary positions, and dense or MoE SwiGLU
 //! feed-forward blocks; generation with a KV cache; atomic checkpoints; Hugging Face MoE import
-//! (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, Granite-MoE); upcycling a dense model into an MoE; merging independently trained branches.
+//! (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, Granite-MoE), streamed from memory-mapped shards in
+//! their own dtype; an expert store that runs a model with only a budget of its routed experts
+//! resident ([`store`], [`checkpoint::load_paged`]); quantised experts; upcycling a dense model
+//! into an MoE; merging independently trained branches.
 //!
 //! ```no_run
 //! use burn::prelude::*;
