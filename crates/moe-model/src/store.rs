@@ -17,12 +17,14 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
 use burn::prelude::*;
+use burn::tensor::quantization::QPARAM_ALIGN;
 use burn::tensor::{Bytes, DType, TensorData};
 use moe_core::cache::replay;
 use moe_core::{CachePolicy, ExpertCache, ExpertKey, ExpertSource, ExpertWeights};
 
 use crate::error::{ModelError, Result};
-use crate::quantize::{dequantize, quantized_bytes};
+use crate::quantize::quantized_bytes;
+use crate::weights::on_device;
 
 /// How a paged model keeps its experts.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -117,20 +119,10 @@ impl ColdWeight {
         let bytes = self.expert_bytes(e)?;
         let read = bytes.len();
         let data = TensorData::from_bytes_vec(bytes, [self.rows, self.cols], self.dtype);
-        let tensor: Tensor<2> = match self.dtype {
-            d if d == compute => Tensor::from_data(data, (device, d)),
-            DType::QFloat(scheme) => {
-                let data = dequantize(data, scheme).map_err(ModelError::Config)?;
-                Tensor::<2>::from_data(data, (device, DType::F32)).cast(compute)
-            }
-            d => Tensor::<2>::from_data(data, (device, d)).cast(compute),
-        };
+        let tensor = on_device(data, device, Some(compute)).map_err(ModelError::Config)?;
         Ok((tensor, read))
     }
 }
-
-/// Alignment of the scales after a quantised tensor's values (Burn's `QPARAM_ALIGN`).
-const QPARAM_ALIGN: usize = std::mem::align_of::<f32>();
 
 /// The three stacked weights of one layer's bank.
 #[derive(Debug)]

@@ -110,6 +110,25 @@ pub fn load_burnpack_except<M: Module>(
     }
 }
 
+/// Stored tensor data as a tensor on `device` in `dtype` (`None`: as stored). Quantised data is
+/// dequantised on the host ([`dequantize`]), which every backend can then take in f32.
+pub(crate) fn on_device<const D: usize>(
+    data: TensorData,
+    device: &Device,
+    dtype: Option<DType>,
+) -> std::result::Result<Tensor<D>, String> {
+    let stored = data.dtype();
+    Ok(match (stored, dtype) {
+        (DType::QFloat(scheme), Some(target)) => {
+            Tensor::<D>::from_data(dequantize(data, scheme)?, (device, DType::F32)).cast(target)
+        }
+        (_, Some(target)) if stored != target => {
+            Tensor::<D>::from_data(data, (device, stored)).cast(target)
+        }
+        _ => Tensor::from_data(data, (device, stored)),
+    })
+}
+
 struct Load<'a> {
     path: Vec<String>,
     tensors: std::collections::HashMap<String, burn_pack::Tensor>,
@@ -157,20 +176,13 @@ impl ModuleMapper for Load<'_> {
                 return param;
             }
         };
-        let device = param.lazy_device();
         let data = TensorData::from_bytes(bytes, shape, dtype);
-        let value: Tensor<D> = match (dtype, self.dtype) {
-            (DType::QFloat(scheme), Some(target)) => match dequantize(data, scheme) {
-                Ok(data) => Tensor::<D>::from_data(data, (&device, DType::F32)).cast(target),
-                Err(problem) => {
-                    self.problems.push(format!("'{name}': {problem}"));
-                    return param;
-                }
-            },
-            (stored, Some(target)) if stored != target => {
-                Tensor::<D>::from_data(data, (&device, stored)).cast(target)
+        let value = match on_device(data, &param.lazy_device(), self.dtype) {
+            Ok(value) => value,
+            Err(problem) => {
+                self.problems.push(format!("'{name}': {problem}"));
+                return param;
             }
-            _ => Tensor::from_data(data, (&device, dtype)),
         };
         param.transform_for_load(value.detach(), id)
     }
@@ -189,7 +201,13 @@ impl ModuleMapper for Cast {
         let value = param.val();
         let value = match value.dtype() {
             d if d == self.0 => return param,
-            DType::QFloat(_) => value.dequantize().cast(self.0),
+            // As a load does it: Burn's device dequantisation refuses the native store on wgpu.
+            DType::QFloat(_) => {
+                match on_device(value.clone().into_data(), &value.device(), Some(self.0)) {
+                    Ok(value) => value,
+                    Err(problem) => panic!("cannot cast a quantised parameter: {problem}"),
+                }
+            }
             _ => value.cast(self.0),
         };
         // A new leaf with the parameter's id and gradient setting, as a load would give.
@@ -292,14 +310,10 @@ pub fn stored_in_burnpack(path: &Path) -> Result<Vec<StoredBytes>> {
     let tensors = burn_pack::Reader::from_file(path)
         .and_then(burn_pack::Reader::into_tensors)
         .map_err(|e| ModelError::checkpoint(path, format!("not a readable burnpack file ({e})")))?;
-    let entries: Vec<(String, String, usize)> = tensors
+    let entries = tensors
         .iter()
-        .map(|t| (t.name.clone(), dtype_name(t.dtype), t.byte_len()))
-        .collect();
-    Ok(tally(
-        entries.iter().map(|(n, d, b)| (n.as_str(), d.clone(), *b)),
-        |name| name.contains("experts.w_"),
-    ))
+        .map(|t| (t.name.as_str(), dtype_name(t.dtype), t.byte_len()));
+    Ok(tally(entries, |name| name.contains("experts.w_")))
 }
 
 /// The short name of a float dtype, as the CLI spells it.

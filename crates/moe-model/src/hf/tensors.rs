@@ -162,7 +162,7 @@ impl HfTensors {
             });
         }
         if let Some(named) = &named {
-            check_index(named, &index, &shards)?;
+            check_index(named, &index)?;
         }
         for entry in index.values() {
             shards[entry.shard].unread += 1;
@@ -247,25 +247,18 @@ impl HfTensors {
 }
 
 /// Every tensor the index names is in the shard it names.
-fn check_index(named: &ShardOf, index: &HashMap<String, Entry>, shards: &[Shard]) -> Result<()> {
+fn check_index(named: &ShardOf, index: &HashMap<String, Entry>) -> Result<()> {
     let mut missing: Vec<_> = named.keys().filter(|n| !index.contains_key(*n)).collect();
     missing.sort();
     match missing.first() {
         None => Ok(()),
-        Some(name) => {
-            let shard = &named[*name];
-            let path = shards
-                .iter()
-                .find(|s| s.path == *shard)
-                .map_or(shard.as_path(), |s| s.path.as_path());
-            Err(ModelError::checkpoint(
-                path,
-                format!(
-                    "does not hold '{name}', which the index places there ({} such tensors)",
-                    missing.len()
-                ),
-            ))
-        }
+        Some(name) => Err(ModelError::checkpoint(
+            &named[*name],
+            format!(
+                "does not hold '{name}', which the index places there ({} such tensors)",
+                missing.len()
+            ),
+        )),
     }
 }
 
@@ -312,31 +305,9 @@ fn convert(
             "is stored as {from:?}; weights must be F32, F16 or BF16"
         ));
     };
-    if from == to {
-        return Ok(TensorData::from_bytes_vec(bytes.to_vec(), shape, to));
-    }
-    let values: Vec<f32> = match from {
-        DType::F32 => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        DType::F16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        _ => bytes
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-    };
-    Ok(match to {
-        DType::F16 => TensorData::new(values.into_iter().map(half::f16::from_f32).collect(), shape),
-        DType::BF16 => TensorData::new(
-            values.into_iter().map(half::bf16::from_f32).collect(),
-            shape,
-        ),
-        _ => TensorData::new(values, shape),
-    })
+    TensorData::from_bytes_vec(bytes.to_vec(), shape, from)
+        .try_cast(to)
+        .map_err(|e| format!("cannot be converted to {to:?} ({e})"))
 }
 
 #[cfg(test)]
