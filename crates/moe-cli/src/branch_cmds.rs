@@ -176,12 +176,7 @@ pub struct MergeArgs {
 
 /// Runs `moe merge`.
 pub fn merge(a: MergeArgs) -> anyhow::Result<()> {
-    if a.out.exists() && !a.overwrite {
-        bail!(
-            "{}: already exists (pass --overwrite to replace it)",
-            a.out.display()
-        );
-    }
+    crate::refuse_existing(&a.out, a.overwrite)?;
     let branches = a
         .branches
         .iter()

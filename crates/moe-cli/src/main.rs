@@ -142,6 +142,18 @@ pub(crate) fn tune_allocator_for_inference() {
     }
 }
 
+/// Refuses an output that exists unless `overwrite`, before any work is done (the checkpoint
+/// writer checks again when it commits).
+pub(crate) fn refuse_existing(out: &std::path::Path, overwrite: bool) -> anyhow::Result<()> {
+    if out.exists() && !overwrite {
+        anyhow::bail!(
+            "{}: already exists (pass --overwrite to replace it)",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
 /// Opens a device by name, as every command does.
 pub(crate) fn device(name: &str) -> anyhow::Result<burn::tensor::Device> {
     Ok(moe_core::parse_device(name)?)

@@ -279,12 +279,7 @@ fn parse_dtype(s: &str) -> Result<DType, String> {
 
 /// Runs `moe import-hf`.
 pub fn import_hf(a: ImportArgs) -> anyhow::Result<()> {
-    if a.out.exists() && !a.overwrite {
-        bail!(
-            "{}: already exists (pass --overwrite to replace it)",
-            a.out.display()
-        );
-    }
+    crate::refuse_existing(&a.out, a.overwrite)?;
     let model = hf::import_as(&a.hf_dir, &Device::flex(), a.dtype)?;
     let has_tokenizer = a.hf_dir.join("tokenizer.json").exists();
     if has_tokenizer {
@@ -362,12 +357,7 @@ pub struct UpcycleArgs {
 
 /// Runs `moe upcycle`.
 pub fn upcycle(a: UpcycleArgs) -> anyhow::Result<()> {
-    if a.out.exists() && !a.overwrite {
-        bail!(
-            "{}: already exists (pass --overwrite to replace it)",
-            a.out.display()
-        );
-    }
+    crate::refuse_existing(&a.out, a.overwrite)?;
     if !(a.noise >= 0.0 && a.noise.is_finite()) {
         bail!("--noise must be >= 0, got {}", a.noise);
     }
@@ -415,12 +405,7 @@ fn parse_quant(s: &str) -> Result<ExpertQuant, String> {
 
 /// Runs `moe quantize`.
 pub fn quantize(a: QuantizeArgs) -> anyhow::Result<()> {
-    if a.out.exists() && !a.overwrite {
-        bail!(
-            "{}: already exists (pass --overwrite to replace it)",
-            a.out.display()
-        );
-    }
+    crate::refuse_existing(&a.out, a.overwrite)?;
     let ckpt = checkpoint::load(&a.checkpoint, &Device::flex())?;
     if ckpt.model.config.n_moe_layers() == 0 {
         bail!(

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::Args;
 use moe_core::CachePolicy;
+use moe_core::cache::replay;
 use moe_model::store::parse_size;
 use moe_train::TrainConfig;
 use moe_train::trace::Trace;
@@ -83,19 +84,24 @@ fn parse_policy(s: &str) -> Result<CachePolicy, String> {
 /// Runs `moe cache-sim`.
 pub fn cache_sim(a: CacheSimArgs) -> anyhow::Result<()> {
     let trace = Trace::read(&a.trace)?;
+    let uses = trace.uses();
     let mut rows = Vec::new();
     for &budget in &a.budget {
-        let belady = trace.simulate(budget, CachePolicy::Belady);
+        let Some(capacity) = trace.capacity(budget) else {
+            bail!(
+                "a budget of {budget} bytes holds fewer than the top-{} experts of {} bytes \
+                 one token needs",
+                trace.header.top_k,
+                trace.header.expert_bytes
+            );
+        };
+        let belady = replay(&uses, capacity, CachePolicy::Belady);
+        let best = belady.hit_rate();
         for &policy in &a.policy {
-            let Some((capacity, stats)) = trace.simulate(budget, policy) else {
-                bail!(
-                    "a budget of {budget} bytes holds fewer than the top-{} experts of {} bytes \
-                     one token needs",
-                    trace.header.top_k,
-                    trace.header.expert_bytes
-                );
+            let stats = match policy {
+                CachePolicy::Belady => belady,
+                _ => replay(&uses, capacity, policy),
             };
-            let best = belady.map_or(0.0, |(_, s)| s.hit_rate());
             rows.push(serde_json::json!({
                 "budget_bytes": budget,
                 "capacity": capacity,

@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::Path;
 
 use burn::prelude::*;
-use moe_core::cache::{CachePolicy, CacheStats, ExpertKey, replay};
+use moe_core::cache::ExpertKey;
 use moe_model::MoeLm;
 use serde::{Deserialize, Serialize};
 
@@ -164,14 +164,10 @@ impl Trace {
             .collect()
     }
 
-    /// Hit counts of `policy` with a budget of `budget_bytes`; `None` when the budget holds
-    /// fewer than one token's experts of a layer.
-    pub fn simulate(
-        &self,
-        budget_bytes: usize,
-        policy: CachePolicy,
-    ) -> Option<(usize, CacheStats)> {
+    /// Experts a budget of `budget_bytes` holds; `None` when fewer than one token's experts of
+    /// a layer.
+    pub fn capacity(&self, budget_bytes: usize) -> Option<usize> {
         let capacity = budget_bytes / self.header.expert_bytes.max(1);
-        (capacity >= self.header.top_k).then(|| (capacity, replay(&self.uses(), capacity, policy)))
+        (capacity >= self.header.top_k).then_some(capacity)
     }
 }
