@@ -303,12 +303,11 @@ pub fn load_paged(
     }
     let path = dir.join(WEIGHTS_FILE);
     check_weights_file(&path)?;
-    let is_expert = |name: &str| name.contains("experts.w_");
     let (mut model, cold) = weights::load_burnpack_except(
         model_config.skeleton(device)?,
         &path,
         Some(DType::F32),
-        is_expert,
+        weights::is_routed_expert,
     )?;
     let mut by_name: HashMap<String, burn_pack::Tensor> = cold.into_iter().collect();
     let mut layers = Vec::new();

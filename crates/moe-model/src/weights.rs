@@ -305,6 +305,12 @@ pub fn tally<'a>(
         .collect()
 }
 
+/// Whether a parameter path names a routed expert bank's weight (`...experts.w_gate` and the
+/// like), as our checkpoints name them.
+pub fn is_routed_expert(path: &str) -> bool {
+    path.contains("experts.w_")
+}
+
 /// What a burnpack weights file stores, by dtype, read from its header alone.
 pub fn stored_in_burnpack(path: &Path) -> Result<Vec<StoredBytes>> {
     let tensors = burn_pack::Reader::from_file(path)
@@ -313,7 +319,7 @@ pub fn stored_in_burnpack(path: &Path) -> Result<Vec<StoredBytes>> {
     let entries = tensors
         .iter()
         .map(|t| (t.name.as_str(), dtype_name(t.dtype), t.byte_len()));
-    Ok(tally(entries, |name| name.contains("experts.w_")))
+    Ok(tally(entries, is_routed_expert))
 }
 
 /// The short name of a float dtype, as the CLI spells it.
