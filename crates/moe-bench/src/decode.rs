@@ -1,30 +1,49 @@
-//! Prefill and greedy decode speed of a whole model, one sequence at a time, at several context
-//! lengths: the prompt is run in one forward pass, then each new token in its own, with the KV
-//! cache, each step ending in the host read of the next token (as generation does).
+//! Prefill and greedy decode speed of a whole model at several batch sizes and context lengths:
+//! the prompts are run in one forward pass, then each new token in its own, with the KV cache,
+//! each step ending in the host read of the next tokens (as generation does).
 
 use std::time::Instant;
 
 use burn::prelude::*;
-use moe_model::{KvCache, MoeLm};
+use moe_core::MoeLayerConfig;
+use moe_model::{KvCache, ModelConfig, MoeLm};
 
-/// Speed at one context length.
+/// Speed at one batch size and context length.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct DecodeCase {
+    /// Sequences decoded together.
+    pub batch: usize,
     /// Prompt tokens run before decoding.
     pub context: usize,
     /// Prompt tokens per second of the prefill pass.
     pub prefill_tokens_per_s: f64,
     /// New tokens per second of the decode steps.
     pub decode_tokens_per_s: f64,
-    /// New tokens decoded.
+    /// New tokens decoded per sequence.
     pub new_tokens: usize,
 }
 
-/// Measures `model` at each context length in `contexts` (each at most the model's context
-/// minus `new_tokens`), decoding `new_tokens` greedily after a prompt of pseudo-random ids.
-/// One short untimed run warms the backend up first.
+/// The built-in shape `moe bench --decode` measures without a checkpoint: a Mixtral-style MoE
+/// of 53.2M parameters (15.5M active): d_model 512, 4 layers, 8 query and 2 key/value heads, 8
+/// experts of d_ff 1024 with top-2 routing, a 256-token vocabulary and a 2048-token context.
+pub fn decode_model() -> ModelConfig {
+    ModelConfig::new()
+        .with_vocab_size(256)
+        .with_d_model(512)
+        .with_n_layers(4)
+        .with_n_heads(8)
+        .with_n_kv_heads(2)
+        .with_max_seq_len(2048)
+        .with_moe(MoeLayerConfig::new(512, 1024, 8))
+}
+
+/// Measures `model` at each batch size in `batches` and context length in `contexts` (each at
+/// most the model's context minus `new_tokens`), decoding `new_tokens` greedily after prompts of
+/// pseudo-random ids. Prefill and decode tokens/s count every sequence of the batch. One short
+/// untimed run warms the backend up first.
 pub fn decode_speed(
     model: &MoeLm,
+    batches: &[usize],
     contexts: &[usize],
     new_tokens: usize,
 ) -> Result<Vec<DecodeCase>, String> {
@@ -35,42 +54,54 @@ pub fn decode_speed(
              {max} (and a context must be at least 1)"
         ));
     }
-    if let Some(&first) = contexts.first() {
-        run_once(model, first.min(4), new_tokens.min(1));
+    if batches.contains(&0) {
+        return Err("a batch must hold at least 1 sequence".into());
     }
-    Ok(contexts
+    if let (Some(&b), Some(&c)) = (batches.first(), contexts.first()) {
+        run_once(model, b, c.min(4), new_tokens.min(1));
+    }
+    Ok(batches
         .iter()
-        .map(|&c| run_once(model, c, new_tokens))
+        .flat_map(|&b| contexts.iter().map(move |&c| (b, c)))
+        .map(|(b, c)| run_once(model, b, c, new_tokens))
         .collect())
 }
 
-/// One prefill of `context` ids and `new_tokens` decode steps, timed.
-fn run_once(model: &MoeLm, context: usize, new_tokens: usize) -> DecodeCase {
+/// One prefill of `batch` prompts of `context` ids and `new_tokens` decode steps, timed.
+fn run_once(model: &MoeLm, batch: usize, context: usize, new_tokens: usize) -> DecodeCase {
     let device = model.embed.weight.val().device();
     let vocab = model.config.vocab_size as i64;
-    let prompt: Vec<i64> = (0..context as i64)
-        .map(|i| (i * 7919 + 13) % vocab)
+    let prompt: Vec<i64> = (0..batch as i64)
+        .flat_map(|r| (0..context as i64).map(move |i| (i * 7919 + 13 + r * 104_729) % vocab))
         .collect();
-    let mut cache = KvCache::default();
+    let mut cache = KvCache::with_capacity(context + new_tokens);
     let start = Instant::now();
-    let mut next = step(model, &prompt, &mut cache, &device);
+    let mut next = step(model, &prompt, batch, &mut cache, &device);
     let prefill = start.elapsed().as_secs_f64();
     let start = Instant::now();
     for _ in 0..new_tokens {
-        next = step(model, &[next], &mut cache, &device);
+        next = step(model, &next, batch, &mut cache, &device);
     }
     let decode = start.elapsed().as_secs_f64();
     DecodeCase {
+        batch,
         context,
-        prefill_tokens_per_s: context as f64 / prefill.max(1e-9),
-        decode_tokens_per_s: new_tokens as f64 / decode.max(1e-9),
+        prefill_tokens_per_s: (batch * context) as f64 / prefill.max(1e-9),
+        decode_tokens_per_s: (batch * new_tokens) as f64 / decode.max(1e-9),
         new_tokens,
     }
 }
 
-/// Runs `ids` after the cached ones and returns the most likely next token (read back).
-fn step(model: &MoeLm, ids: &[i64], cache: &mut KvCache, device: &Device) -> i64 {
-    let tokens = Tensor::<1, Int>::from_ints(ids, device).reshape([1, ids.len()]);
-    let last = model.forward_last(tokens, cache); // [1, vocab]
-    last.argmax(1).into_scalar::<i64>()
+/// Runs `batch` equal rows of `ids` after the cached ones and returns each row's most likely
+/// next token (read back).
+fn step(
+    model: &MoeLm,
+    ids: &[i64],
+    batch: usize,
+    cache: &mut KvCache,
+    device: &Device,
+) -> Vec<i64> {
+    let tokens = Tensor::<1, Int>::from_ints(ids, device).reshape([batch, ids.len() / batch]);
+    let last = model.forward_last(tokens, cache); // [batch, vocab]
+    last.argmax(1).into_data().iter::<i64>().collect()
 }

@@ -25,11 +25,13 @@
 //!
 //! Modules, each importing only those before it: [`sizes`] (what is measured), [`timing`]
 //! (how long, the median, the matmul baseline), [`case`] (one case), [`suite`] (the cases and
-//! ratios of a run), [`breakdown`](mod@breakdown) (an MoE layer's stages), [`report`] (a whole run).
+//! ratios of a run), [`breakdown`](mod@breakdown) (an MoE layer's stages), [`report`] (a whole run),
+//! [`decode`] (a whole model's prefill and decode), [`compare`] (backends side by side).
 #![warn(missing_docs)]
 
 pub mod breakdown;
 pub mod case;
+pub mod compare;
 pub mod decode;
 pub mod report;
 pub mod sizes;
@@ -38,7 +40,8 @@ pub mod timing;
 
 pub use breakdown::{Breakdown, breakdown};
 pub use case::{BenchCase, BenchInput, dense_case, model_case, moe_case};
-pub use decode::{DecodeCase, decode_speed};
+pub use compare::{BackendRun, Comparison};
+pub use decode::{DecodeCase, decode_model, decode_speed};
 pub use report::{BenchReport, CaseResult, FailedCase, run};
 pub use sizes::BenchSizes;
 pub use suite::{RATIOS, cases};

@@ -1,29 +1,40 @@
-//! `moe bench`: MoE against dense feed-forward blocks on one backend, measured.
+//! `moe bench`: MoE against dense feed-forward blocks, or a whole model's prefill and decode, on
+//! one backend or several side by side.
+
+use std::path::{Path, PathBuf};
 
 use clap::Args;
-use moe_bench::{BenchBudget, BenchSizes, decode_speed, run};
+use moe_bench::{
+    BackendRun, BenchBudget, BenchReport, BenchSizes, Comparison, DecodeCase, decode_model,
+    decode_speed, run,
+};
 
 use crate::budget::BudgetArgs;
 
 /// Arguments of `moe bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// Device: flex, ndarray, wgpu, wgpu:N, wgpu:cpu.
-    #[arg(long, default_value = "flex")]
-    device: String,
+    /// Devices: flex, ndarray, wgpu, wgpu:N, wgpu:cpu; several (comma-separated) run the same
+    /// cases on each and compare them side by side.
+    #[arg(long, value_delimiter = ',', default_value = "flex")]
+    device: Vec<String>,
     /// Print one JSON object with every figure.
     #[arg(long)]
     json: bool,
+    /// Draw tokens/s per case and backend as a grouped bar chart (SVG).
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
     /// Fewer timed calls per case (noisier, about four times faster).
     #[arg(long)]
     quick: bool,
     /// Tokens per call (default 2048, the size the targets are stated for).
     #[arg(long)]
     tokens: Option<usize>,
-    /// Instead of the layer cases, prefill and greedy decode speed of this checkpoint, one
-    /// sequence at a time.
-    #[arg(long, value_name = "CKPT")]
-    decode: Option<std::path::PathBuf>,
+    /// Instead of the layer cases, prefill and greedy decode speed of a whole model: this
+    /// checkpoint, or without one a built-in random MoE (d_model 512, 4 layers, 8 experts of
+    /// d_ff 1024, top-2, 53M parameters).
+    #[arg(long, value_name = "CKPT", num_args = 0..=1)]
+    decode: Option<Option<PathBuf>>,
     /// Prompt lengths for --decode.
     #[arg(
         long,
@@ -32,6 +43,14 @@ pub struct BenchArgs {
         requires = "decode"
     )]
     context: Vec<usize>,
+    /// Sequences decoded together, for --decode.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,4,16",
+        requires = "decode"
+    )]
+    batch: Vec<usize>,
     /// Tokens decoded after each prompt, for --decode.
     #[arg(long, default_value_t = 32, requires = "decode")]
     new_tokens: usize,
@@ -46,13 +65,76 @@ const TARGETS: [(&str, f64); 3] = [
     ("moe_vs_dense_total_e64_fwd", 25.0),
 ];
 
-/// Runs `moe bench --decode CKPT`.
-fn bench_decode(a: &BenchArgs, ckpt: &std::path::Path) -> anyhow::Result<()> {
-    crate::tune_allocator_for_inference();
-    let device = crate::device(&a.device)?;
-    let dir = crate::resolve_checkpoint(ckpt)?;
-    let (ckpt, store) = a.budget.load(&dir, &device)?;
-    let max = ckpt.model.config.max_seq_len;
+/// What one backend measured.
+enum Measured {
+    Layers(BenchReport),
+    Decode(DecodeRun),
+}
+
+/// A whole model's prefill and decode on one backend.
+#[derive(serde::Serialize)]
+struct DecodeRun {
+    device: String,
+    model: String,
+    cases: Vec<DecodeCase>,
+    skipped_contexts: Vec<usize>,
+    expert_store: Option<moe_model::store::StoreStats>,
+}
+
+impl Measured {
+    /// (case, tokens/s) pairs for a side-by-side comparison.
+    fn tokens_per_s(&self) -> Vec<(String, f64)> {
+        match self {
+            Self::Layers(r) => r
+                .cases
+                .iter()
+                .map(|c| (c.name.clone(), c.tokens_per_s))
+                .collect(),
+            Self::Decode(d) => d
+                .cases
+                .iter()
+                .flat_map(|c| {
+                    let at = format!("batch {} context {}", c.batch, c.context);
+                    [
+                        (format!("prefill {at}"), c.prefill_tokens_per_s),
+                        (format!("decode {at}"), c.decode_tokens_per_s),
+                    ]
+                })
+                .collect(),
+        }
+    }
+
+    fn json(&self) -> serde_json::Result<serde_json::Value> {
+        match self {
+            Self::Layers(r) => serde_json::to_value(r),
+            Self::Decode(d) => serde_json::to_value(d),
+        }
+    }
+}
+
+/// Measures a whole model's prefill and decode on `name`.
+fn bench_decode(a: &BenchArgs, name: &str, ckpt: Option<&Path>) -> anyhow::Result<DecodeRun> {
+    let device = crate::device(name)?;
+    let (model, store, label) = match ckpt {
+        Some(path) => {
+            let dir = crate::resolve_checkpoint(path)?;
+            let (ckpt, store) = a.budget.load(&dir, &device)?;
+            (ckpt.model, store, dir.display().to_string())
+        }
+        None => {
+            anyhow::ensure!(
+                !a.budget.is_set(),
+                "--expert-budget applies to a checkpoint: give one to --decode"
+            );
+            let model = decode_model().init_seeded(&device, 0)?;
+            (
+                model,
+                None,
+                "built-in MoE (53.2M parameters, 15.5M active)".into(),
+            )
+        }
+    };
+    let max = model.config.max_seq_len;
     // Contexts the model cannot hold are left out, and said so.
     let (fit, skipped): (Vec<usize>, Vec<usize>) = a
         .context
@@ -63,37 +145,40 @@ fn bench_decode(a: &BenchArgs, ckpt: &std::path::Path) -> anyhow::Result<()> {
         "no --context fits the model's context of {max} with {} new tokens",
         a.new_tokens
     );
-    let cases = decode_speed(&ckpt.model, &fit, a.new_tokens).map_err(anyhow::Error::msg)?;
-    let stats = store.as_ref().map(|s| {
+    let cases = decode_speed(&model, &a.batch, &fit, a.new_tokens).map_err(anyhow::Error::msg)?;
+    let expert_store = store.as_ref().map(|s| {
         s.settle();
         s.stats()
     });
-    if a.json {
-        let out = serde_json::json!({
-            "device": a.device, "checkpoint": dir, "cases": cases,
-            "skipped_contexts": skipped, "expert_store": stats,
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(());
-    }
-    println!("{} on {} (batch 1, greedy)", dir.display(), a.device);
+    Ok(DecodeRun {
+        device: name.into(),
+        model: label,
+        cases,
+        skipped_contexts: skipped,
+        expert_store,
+    })
+}
+
+/// Prints one backend's decode figures.
+fn print_decode(d: &DecodeRun, new_tokens: usize) {
+    println!("{} on {} (greedy)", d.model, d.device);
     println!(
-        "{:>8} {:>16} {:>16}",
-        "context", "prefill tok/s", "decode tok/s"
+        "{:>6} {:>8} {:>16} {:>16}",
+        "batch", "context", "prefill tok/s", "decode tok/s"
     );
-    for c in &cases {
+    for c in &d.cases {
         println!(
-            "{:>8} {:>16.1} {:>16.2}",
-            c.context, c.prefill_tokens_per_s, c.decode_tokens_per_s
+            "{:>6} {:>8} {:>16.1} {:>16.2}",
+            c.batch, c.context, c.prefill_tokens_per_s, c.decode_tokens_per_s
         );
     }
-    for c in skipped {
+    for c in &d.skipped_contexts {
         println!(
-            "{c:>8}   skipped: {c} + {} exceeds the context of {max}",
-            a.new_tokens
+            "{:>6} {c:>8}   skipped: {c} + {new_tokens} exceeds the model's context",
+            ""
         );
     }
-    if let Some(s) = stats {
+    if let Some(s) = &d.expert_store {
         println!(
             "expert store: {} experts resident at most, hit rate {:.1}%, {:.0} MiB read",
             s.capacity,
@@ -101,19 +186,11 @@ fn bench_decode(a: &BenchArgs, ckpt: &std::path::Path) -> anyhow::Result<()> {
             s.bytes_fetched as f64 / (1 << 20) as f64
         );
     }
-    Ok(())
 }
 
-/// Runs `moe bench`.
-pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
-    if let Some(ckpt) = a.decode.clone() {
-        return bench_decode(&a, &ckpt);
-    }
-    anyhow::ensure!(
-        !a.budget.is_set(),
-        "--expert-budget applies to a checkpoint: use it with --decode CKPT"
-    );
-    let device = crate::device(&a.device)?;
+/// Measures the layer cases on `name`.
+fn bench_layers(a: &BenchArgs, name: &str) -> anyhow::Result<BenchReport> {
+    let device = crate::device(name)?;
     let mut sizes = BenchSizes::default();
     if let Some(t) = a.tokens {
         anyhow::ensure!(t > 0, "--tokens must be at least 1");
@@ -126,16 +203,98 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
     };
     if !a.json {
         eprintln!(
-            "measuring on {} ({} tokens per call, d_model {}); this takes a minute or two",
-            a.device, sizes.tokens, sizes.d_model
+            "measuring on {name} ({} tokens per call, d_model {}); this takes a minute or two",
+            sizes.tokens, sizes.d_model
         );
     }
-    let report = run(&device, &a.device, &sizes, &budget)
-        .map_err(|e| anyhow::anyhow!("{}: the device failed: {e}", a.device))?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+    run(&device, name, &sizes, &budget).map_err(|e| anyhow::anyhow!("the device failed: {e}"))
+}
+
+/// Runs the cases on one backend; a panic inside the backend is an error like any other.
+fn measure(a: &BenchArgs, name: &str) -> anyhow::Result<Measured> {
+    let run = std::panic::AssertUnwindSafe(|| match &a.decode {
+        Some(ckpt) => bench_decode(a, name, ckpt.as_deref()).map(Measured::Decode),
+        None => bench_layers(a, name).map(Measured::Layers),
+    });
+    match std::panic::catch_unwind(run) {
+        Ok(result) => result,
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic");
+            anyhow::bail!("{}", why.lines().next().unwrap_or(why))
+        }
+    }
+}
+
+/// Runs `moe bench`.
+pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    if a.decode.is_some() {
+        crate::tune_allocator_for_inference();
+    } else {
+        anyhow::ensure!(
+            !a.budget.is_set(),
+            "--expert-budget applies to a checkpoint: use it with --decode CKPT"
+        );
+    }
+    // Bad names fail before anything is measured.
+    for name in &a.device {
+        name.parse::<moe_core::DeviceSpec>()?;
+    }
+    if let [name] = &a.device[..] {
+        let measured = measure(&a, name).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+        if let Some(plot) = &a.plot {
+            let runs = [BackendRun {
+                device: name.clone(),
+                result: Ok(measured.tokens_per_s()),
+            }];
+            Comparison::new(&runs)
+                .plot_svg(plot)
+                .map_err(anyhow::Error::msg)?;
+        }
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&measured.json()?)?);
+            return Ok(());
+        }
+        match &measured {
+            Measured::Layers(r) => print_layers(r),
+            Measured::Decode(d) => print_decode(d, a.new_tokens),
+        }
         return Ok(());
     }
+    let mut runs = Vec::new();
+    let mut details = Vec::new();
+    for name in &a.device {
+        let measured = measure(&a, name);
+        runs.push(BackendRun {
+            device: name.clone(),
+            result: measured
+                .as_ref()
+                .map(Measured::tokens_per_s)
+                .map_err(|e| e.to_string()),
+        });
+        details.push(match measured {
+            Ok(m) => m.json()?,
+            Err(e) => serde_json::json!({ "device": name, "error": e.to_string() }),
+        });
+    }
+    let comparison = Comparison::new(&runs);
+    if let Some(plot) = &a.plot {
+        comparison.plot_svg(plot).map_err(anyhow::Error::msg)?;
+    }
+    if a.json {
+        let out = serde_json::json!({ "comparison": comparison, "runs": details });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print!("{}", comparison.table());
+    }
+    Ok(())
+}
+
+/// Prints one backend's layer cases, ratios, failures and breakdowns.
+fn print_layers(report: &BenchReport) {
     println!(
         "device {}: plain matmul {:.1} GFLOP/s\n",
         report.device, report.matmul_gflops
@@ -176,5 +335,4 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
             println!("  {stage:<44} {ms:>8.2}");
         }
     }
-    Ok(())
 }

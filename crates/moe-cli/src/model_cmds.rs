@@ -8,7 +8,7 @@ use burn::tensor::DType;
 use clap::Args;
 use moe_core::{MoeLayerConfig, RouterConfig};
 use moe_model::checkpoint::CheckpointWriter;
-use moe_model::generate::{Sampling, check_prompt, generate_streaming};
+use moe_model::generate::{Sampling, check_prompt, generate_batch, generate_streaming};
 use moe_model::quantize::{ExpertQuant, quantize_experts};
 use moe_model::{checkpoint, hf, upcycle as up, weights};
 use moe_train::HfTokenizer;
@@ -156,7 +156,6 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let (ckpt, store) = a.budget.load(&a.checkpoint, &device)?;
     let vocab_size = ckpt.model.config.vocab_size;
     let codec = Codec::for_checkpoint(&ckpt)?;
-    let prompt = codec.tokens(&a.prompt, vocab_size, &ckpt.dir)?;
     let sampling = Sampling {
         temperature: if a.greedy { 0.0 } else { a.temperature },
         top_k: a.top_k,
@@ -166,42 +165,94 @@ pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         repetition_penalty: a.repetition_penalty,
     };
     let eos = codec.eos(vocab_size);
-    if !a.json {
-        print!("{}", a.prompt.echo());
-    }
-    let mut stream = TextStream::new(&codec, &a.stop, !a.json);
     let start = std::time::Instant::now();
-    let new = generate_streaming(
-        &ckpt.model,
-        &prompt,
-        a.max_new_tokens,
-        &sampling,
-        &eos,
-        |t| stream.push(t),
-    )?;
-    let seconds = start.elapsed().as_secs_f64();
-    let text = stream.finish();
-    if a.json {
-        let mut out = serde_json::json!({
+    let mut out = if a.prompt.prompts.is_some() {
+        generate_prompts(&a, &ckpt, &codec, &sampling, &eos)?
+    } else {
+        let prompt = codec.tokens(&a.prompt, vocab_size, &ckpt.dir)?;
+        if !a.json {
+            print!("{}", a.prompt.echo());
+        }
+        let mut stream = TextStream::new(&codec, &a.stop, !a.json);
+        let new = generate_streaming(
+            &ckpt.model,
+            &prompt,
+            a.max_new_tokens,
+            &sampling,
+            &eos,
+            |t| stream.push(t),
+        )?;
+        let total = new.len();
+        serde_json::json!({
             "prompt_tokens": prompt,
             "new_tokens": new,
-            "text": text,
-            "seconds": seconds,
-            "tokens_per_second": new.len() as f64 / seconds.max(1e-9),
-            "peak_rss_bytes": peak_rss_bytes(),
-        });
-        if let Some(store) = &store {
-            store.settle();
-            let stats = store.stats();
-            out["expert_store"] = serde_json::to_value(stats)?;
-            out["expert_store"]["hit_rate"] = stats.hit_rate().into();
-            out["expert_store"]["prefetch_precision"] = stats.prefetch_precision().into();
-            out["expert_store"]["prefetch_recall"] = stats.prefetch_recall().into();
-            out["expert_store"]["belady_hit_rate"] = store.belady_hit_rate().into();
-        }
-        println!("{out}");
+            "text": stream.finish(),
+            "total_new_tokens": total,
+        })
+    };
+    if !a.json {
+        return Ok(());
     }
+    let seconds = start.elapsed().as_secs_f64();
+    let total = out["total_new_tokens"].as_f64().unwrap_or(0.0);
+    out["seconds"] = seconds.into();
+    out["tokens_per_second"] = (total / seconds.max(1e-9)).into();
+    out["peak_rss_bytes"] = peak_rss_bytes().into();
+    if let Some(store) = &store {
+        store.settle();
+        let stats = store.stats();
+        out["expert_store"] = serde_json::to_value(stats)?;
+        out["expert_store"]["hit_rate"] = stats.hit_rate().into();
+        out["expert_store"]["prefetch_precision"] = stats.prefetch_precision().into();
+        out["expert_store"]["prefetch_recall"] = stats.prefetch_recall().into();
+        out["expert_store"]["belady_hit_rate"] = store.belady_hit_rate().into();
+    }
+    println!("{out}");
     Ok(())
+}
+
+/// `moe generate --prompts FILE`: every line continued in one batch, the texts printed in order
+/// once all are done (or returned in the JSON object).
+fn generate_prompts(
+    a: &GenerateArgs,
+    ckpt: &checkpoint::Checkpoint,
+    codec: &Codec,
+    sampling: &Sampling,
+    eos: &[u32],
+) -> anyhow::Result<serde_json::Value> {
+    let vocab_size = ckpt.model.config.vocab_size;
+    let prompts = codec.batch(&a.prompt, vocab_size, &ckpt.dir)?;
+    let tokens: Vec<Vec<u32>> = prompts.iter().map(|(_, t)| t.clone()).collect();
+    let mut streams: Vec<TextStream> = prompts
+        .iter()
+        .map(|_| TextStream::new(codec, &a.stop, false))
+        .collect();
+    let news = generate_batch(
+        &ckpt.model,
+        &tokens,
+        a.max_new_tokens,
+        sampling,
+        eos,
+        |i, t| streams[i].push(t),
+    )?;
+    let results: Vec<serde_json::Value> = prompts
+        .iter()
+        .zip(news)
+        .zip(streams)
+        .enumerate()
+        .map(|(i, (((echo, prompt), new), stream))| {
+            let text = stream.finish();
+            if !a.json {
+                println!("--- prompt {} ---\n{echo}{text}", i + 1);
+            }
+            serde_json::json!({"prompt_tokens": prompt, "new_tokens": new, "text": text})
+        })
+        .collect();
+    let total: usize = results
+        .iter()
+        .map(|r| r["new_tokens"].as_array().map_or(0, Vec::len))
+        .sum();
+    Ok(serde_json::json!({ "results": results, "total_new_tokens": total }))
 }
 
 /// This process's peak resident memory so far (`VmHWM` of `/proc/self/status`), where the

@@ -15,13 +15,16 @@ use moe_train::{ByteTokenizer, HfTokenizer, Tokenizer};
 #[derive(Args, Debug)]
 pub struct PromptArgs {
     /// Text to continue.
-    #[arg(long, required_unless_present = "ids", conflicts_with = "ids")]
+    #[arg(long, required_unless_present_any = ["ids", "prompts"], conflicts_with_all = ["ids", "prompts"])]
     prompt: Option<String>,
     /// Raw token ids instead of text, comma-separated (e.g. 1,2,3).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', conflicts_with = "prompts")]
     ids: Option<Vec<u32>>,
+    /// A file of prompts, one per line, continued together as one batch (generate only).
+    #[arg(long, value_name = "FILE")]
+    pub prompts: Option<std::path::PathBuf>,
     /// Send --prompt as a user message through the tokenizer's chat template.
-    #[arg(long, requires = "prompt")]
+    #[arg(long, conflicts_with = "ids")]
     chat: bool,
 }
 
@@ -72,6 +75,9 @@ impl Codec {
         let tokens = match (&args.ids, &args.prompt) {
             (Some(ids), _) => ids.clone(),
             (None, Some(text)) => self.encode(text, args.chat, vocab_size, dir)?,
+            (None, None) if args.prompts.is_some() => {
+                bail!("--prompts runs a batch of prompts, which only generate does")
+            }
             (None, None) => bail!("give a prompt: --prompt TEXT or --ids 1,2,3"),
         };
         if tokens.is_empty() {
@@ -81,6 +87,51 @@ impl Codec {
             bail!("token id {bad} is outside the model's vocabulary of {vocab_size}");
         }
         Ok(tokens)
+    }
+
+    /// The prompts of a `--prompts` file, one per line, each encoded (through the chat template
+    /// with `--chat`) and checked as a single prompt is.
+    pub fn batch(
+        &self,
+        args: &PromptArgs,
+        vocab_size: usize,
+        dir: &Path,
+    ) -> anyhow::Result<Vec<(String, Vec<u32>)>> {
+        let Some(path) = &args.prompts else {
+            bail!("no --prompts file was given");
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+        let lines: Vec<&str> = text.lines().collect();
+        if lines.is_empty() {
+            bail!("{} holds no prompt", path.display());
+        }
+        lines
+            .iter()
+            .enumerate()
+            .map(|(i, line)| {
+                let at = || format!("{} line {}", path.display(), i + 1);
+                if line.is_empty() {
+                    bail!("{}: the prompt is empty", at());
+                }
+                let tokens = self.encode(line, args.chat, vocab_size, dir)?;
+                if tokens.is_empty() {
+                    bail!("{}: the prompt is empty", at());
+                }
+                if let Some(bad) = tokens.iter().find(|&&t| t as usize >= vocab_size) {
+                    bail!(
+                        "{}: token id {bad} is outside the model's vocabulary of {vocab_size}",
+                        at()
+                    );
+                }
+                let echo = if args.chat {
+                    String::new()
+                } else {
+                    line.to_string()
+                };
+                Ok((echo, tokens))
+            })
+            .collect()
     }
 
     fn encode(

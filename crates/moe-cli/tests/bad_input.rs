@@ -73,6 +73,8 @@ impl Fixture {
             };
             std::fs::write(w, new).unwrap();
         }
+        f.write("prompts-gap.txt", "hello\n\nthere\n");
+        f.write("prompts.txt", "hello\nthere\n");
         std::fs::create_dir_all(f.path("empty-corpus")).unwrap();
         std::fs::create_dir_all(f.path("binary-corpus")).unwrap();
         std::fs::write(f.path("binary-corpus/blob.txt"), [0u8, 159, 146, 150, 0, 1]).unwrap();
@@ -440,6 +442,26 @@ const CASES: &[(&str, &str, &str)] = &[
         "upcycling a model that is already MoE",
         "upcycle ckpt --out up",
         "already has MoE layers",
+    ),
+    (
+        "an empty line in a prompts file",
+        "generate ckpt --prompts prompts-gap.txt",
+        "prompts-gap.txt line 2: the prompt is empty",
+    ),
+    (
+        "a prompts file that does not exist",
+        "generate ckpt --prompts nope.txt",
+        "cannot read",
+    ),
+    (
+        "a batch of prompts to logits",
+        "logits ckpt --prompts prompts.txt",
+        "only generate does",
+    ),
+    (
+        "an unknown backend in a bench list",
+        "bench --device flex,cuda9 --quick",
+        "cuda9",
     ),
     (
         "eval on a binary corpus",

@@ -600,9 +600,11 @@ fn quantize_then_generate_resident_and_paged() {
     assert!(paged["expert_store"]["misses"].as_u64().unwrap() > 0);
 }
 
-/// A 2-layer MoE of 8 experts (d_model 32, d_ff 32, top-2) drawn from `seed`.
+/// A 2-layer MoE of 8 experts (d_model 32, d_ff 32, top-2) drawn from `seed`, with the byte
+/// tokenizer's vocabulary of 258.
 fn tiny_moe_of_8(seed: u64) -> moe_model::MoeLm {
     moe_model::ModelConfig::new()
+        .with_vocab_size(258)
         .with_d_model(32)
         .with_n_layers(2)
         .with_n_heads(2)
@@ -630,13 +632,16 @@ fn bench_decode_of_a_checkpoint() {
         "8,16,200",
         "--new-tokens",
         "4",
+        "--batch",
+        "1,3",
         "--json",
     ];
     let o = moe(&args);
     assert!(o.status.success(), "{}", stderr(&o));
     let out: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     let cases = out["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 2);
+    assert_eq!(cases.len(), 4, "2 contexts at 2 batch sizes");
+    assert_eq!(cases[3]["batch"], 3);
     assert_eq!(out["skipped_contexts"], serde_json::json!([200]));
     for c in cases {
         assert!(c["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
@@ -653,4 +658,87 @@ fn bench_decode_of_a_checkpoint() {
         "{}",
         stderr(&o)
     );
+}
+
+/// `moe generate --prompts FILE`: every line continued in one batch as it is alone.
+#[test]
+fn generate_a_batch_of_prompts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("ckpt");
+    moe_model::checkpoint::save(&ckpt, &tiny_moe_of_8(3), None, false).unwrap();
+    let ckpt = ckpt.display().to_string();
+    let lines = ["abc", "hello world", "z"];
+    let file = tmp.path().join("prompts.txt");
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let file = file.display().to_string();
+    let common = ["--greedy", "--max-new-tokens", "5", "--json"];
+    let o = moe(&[&["generate", &ckpt, "--prompts", &file][..], &common].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let batch: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let results = batch["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3);
+    for (line, result) in lines.iter().zip(results) {
+        let o = moe(&[&["generate", &ckpt, "--prompt", line][..], &common].concat());
+        assert!(o.status.success(), "{}", stderr(&o));
+        let alone: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        assert_eq!(result["new_tokens"], alone["new_tokens"], "{line}");
+        assert_eq!(result["text"], alone["text"], "{line}");
+    }
+    let o = moe(&["generate", &ckpt, "--prompts", &file, "--greedy"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(
+        text.contains("--- prompt 3 ---\nz"),
+        "each prompt under its number: {text}"
+    );
+}
+
+/// `moe bench --device A,B,C`: the same cases on each backend in one table, a backend that fails
+/// as a line saying why, and a grouped bar chart.
+#[test]
+fn bench_compares_backends_side_by_side() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("ckpt");
+    moe_model::checkpoint::save(&ckpt, &tiny_moe_of_8(4), None, false).unwrap();
+    let ckpt = ckpt.display().to_string();
+    let plot = tmp.path().join("bars.svg");
+    let plot_s = plot.display().to_string();
+    let args = [
+        "bench",
+        "--decode",
+        &ckpt,
+        "--context",
+        "8",
+        "--batch",
+        "1,2",
+        "--new-tokens",
+        "2",
+        "--device",
+        "flex,ndarray,wgpu:99",
+    ];
+    let o = moe(&[&args[..], &["--json", "--plot", &plot_s]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let c = &out["comparison"];
+    assert_eq!(
+        c["devices"],
+        serde_json::json!(["flex", "ndarray", "wgpu:99"])
+    );
+    let rows = c["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 4, "prefill and decode at batch 1 and 2");
+    for row in rows {
+        let v = row["tokens_per_s"].as_array().unwrap();
+        assert!(v[0].as_f64().unwrap() > 0.0 && v[1].as_f64().unwrap() > 0.0);
+        assert!(v[2].is_null());
+        assert_eq!(row["ratio_to_first"][0], 1.0);
+    }
+    assert_eq!(c["failed"][0]["device"], "wgpu:99");
+    assert_eq!(out["runs"].as_array().unwrap().len(), 3);
+    let svg = std::fs::read_to_string(&plot).unwrap();
+    assert!(svg.contains("ndarray"), "the legend names each backend");
+    let o = moe(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = stdout(&o);
+    assert!(table.contains("ndarray/flex"), "{table}");
+    assert!(table.contains("wgpu:99: could not run"), "{table}");
 }

@@ -213,6 +213,32 @@ impl MoeLayer {
         }
     }
 
+    /// The layer's output alone, for inference: token-choice routing dispatches and combines
+    /// without computing the balancing losses, the router entropy or the routing statistics.
+    ///
+    /// x: `[batch, seq, d_model]`; mask: `[batch, seq]`, true for real tokens (padding takes no
+    /// expert's rows) -> `[batch, seq, d_model]`
+    pub fn infer(&self, x: Tensor<3>, mask: Option<Tensor<2, Bool>>) -> Tensor<3> {
+        let [b, s, d] = x.dims();
+        if b * s == 0 || self.router.config.kind == RouterKind::ExpertChoice {
+            // Expert choice needs the real-token count for its capacity: the full path.
+            return self.forward(x, mask).output;
+        }
+        let x = x.reshape([b * s, d]);
+        let valid = mask.map(|m| m.reshape([b * s]));
+        let routing = self.router.forward(x.clone());
+        let Assignment::TokenChoice { experts, weights } = routing.assignment else {
+            unreachable!("token-choice routers assign experts to tokens");
+        };
+        let choice = self.layout_choice(x.device().is_autodiff());
+        let plan = TokenDispatch::plan(experts, valid, self.router.n_experts(), choice);
+        let mut output = plan.apply(&self.experts, x.clone(), weights);
+        if let Some(shared) = &self.shared {
+            output = output + shared.forward(x);
+        }
+        output.reshape([b, s, d])
+    }
+
     /// The layer on a flat list of tokens.
     ///
     /// x: `[T, d_model]`; valid: `[T]` -> output `[T, d_model]`

@@ -2,18 +2,26 @@
 
 use burn::nn::{Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 
 use crate::config::{ModelConfig, QkNorm};
+use crate::kv_cache::LayerCache;
 use crate::rope::Rope;
 
-/// Cached keys and values of one layer, `[batch, kv_heads, seq, head_dim]` each.
+/// Where the new tokens of a forward pass sit, shared by every layer.
 #[derive(Debug, Clone)]
-pub struct LayerCache {
-    /// Keys, already rotated.
-    pub k: Tensor<4>,
-    /// Values.
-    pub v: Tensor<4>,
+pub struct Positions {
+    /// Rotary cos of the new tokens, `[batch or 1, seq, head_dim/2]`.
+    pub cos: Tensor<3>,
+    /// Rotary sin, the same shape.
+    pub sin: Tensor<3>,
+    /// The first new column (the columns before it are cached).
+    pub start: usize,
+    /// Which columns, cached and new, hold real tokens: `[batch, start + seq]`; `None` when all do.
+    pub key_mask: Option<Tensor<2, Bool>>,
+    /// Positions a layer's cache allocates for at least.
+    pub reserve: usize,
 }
 
 /// Multi-head attention with `n_kv_heads` key/value heads shared by groups of query heads.
@@ -98,62 +106,78 @@ impl Attention {
         t.swap_dims(1, 2)
     }
 
-    /// Attends the new positions `start..start + seq` to every cached and new position.
+    /// Attends the new tokens to every cached and new real token before or at their column,
+    /// writing their keys and values into `cache` when there is one.
     ///
-    /// x: `[batch, seq, d_model]`; cos/sin: `[seq, head_dim/2]`; key_mask: `[batch, start + seq]`,
-    /// true for real tokens. Returns `[batch, seq, d_model]` and the extended cache.
+    /// x: `[batch, seq, d_model]` -> `[batch, seq, d_model]`
     pub fn forward(
         &self,
         x: Tensor<3>,
-        cos: &Tensor<2>,
-        sin: &Tensor<2>,
-        cache: Option<LayerCache>,
-        key_mask: Option<Tensor<2, Bool>>,
-    ) -> (Tensor<3>, LayerCache) {
+        at: &Positions,
+        cache: Option<&mut Option<LayerCache>>,
+    ) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let q = self.heads(&self.q_proj, &self.q_norm, x.clone(), h);
         let k = self.heads(&self.k_proj, &self.k_norm, x.clone(), kvh);
-        let q = Rope::apply(q, cos, sin);
-        let k = Rope::apply(k, cos, sin);
+        let q = Rope::apply(q, &at.cos, &at.sin);
+        let k = Rope::apply(k, &at.cos, &at.sin);
         let v = self.heads(&self.v_proj, &None, x, kvh);
         let (k, v) = match cache {
-            Some(c) => (Tensor::cat(vec![c.k, k], 2), Tensor::cat(vec![c.v, v], 2)),
+            Some(slot) => LayerCache::append(slot, k, v, at.start, at.reserve),
             None => (k, v),
         }; // [b, kvh, total, hd]
-        let total = k.dims()[2];
-        let start = total - s;
-        let cache = LayerCache {
-            k: k.clone(),
-            v: v.clone(),
-        };
-
-        // Each group of h / kvh query heads reads the same key/value head.
-        let group = |t: Tensor<4>| {
-            t.unsqueeze_dim::<5>(2)
-                .repeat_dim(2, h / kvh)
-                .reshape([b, h, total, hd])
-        };
-        let scores = q.matmul(group(k).swap_dims(2, 3)).mul_scalar(self.scale); // [b, h, s, total]
-
-        // Query i (absolute position start + i) sees keys 0..=start + i that are real tokens.
-        let device = scores.device();
-        let rows = Tensor::<1, Int>::arange(start as i64..total as i64, &device).reshape([s, 1]);
-        let cols = Tensor::<1, Int>::arange(0..total as i64, &device).reshape([1, total]);
-        let mut blocked = cols
-            .greater(rows)
-            .reshape([1, 1, s, total])
-            .expand([b, 1, s, total]); // [b, 1, s, total]
-        if let Some(m) = key_mask {
-            blocked = blocked.bool_or(
-                m.bool_not()
-                    .reshape([b, 1, 1, total])
-                    .expand([b, 1, s, total]),
-            );
-        }
-        let scores = scores.mask_fill(blocked.expand([b, h, s, total]), -1e9);
-        let out = softmax(scores, 3).matmul(group(v)); // [b, h, s, hd]
+        let out = self.grouped(q, k, v, at); // [b, h, s, hd]
         let out = out.swap_dims(1, 2).reshape([b, s, h * hd]);
-        (self.o_proj.forward(out), cache)
+        self.o_proj.forward(out)
     }
+
+    /// Scaled dot-product attention with each key/value head read by its group of `h / kvh`
+    /// query heads, without copying keys or values per query head: the group's queries are
+    /// folded into the rows of one attention over the shared head. Burn's fused attention then
+    /// runs it (flex has its own kernel; the other backends compose it from matmuls).
+    ///
+    /// q: `[batch, h, seq, hd]`; k, v: `[batch, kvh, total, hd]` -> `[batch, h, seq, hd]`
+    fn grouped(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, at: &Positions) -> Tensor<4> {
+        let [b, h, s, hd] = q.dims();
+        let [_, kvh, total, _] = k.dims();
+        let g = h / kvh;
+        // Query head j * g + i reads key/value head j: row i * s + p of the folded queries.
+        let q = q.reshape([b, kvh, g * s, hd]);
+        let mask = blocked(at, b, g, s, total).map(|m| m.expand([b, kvh, g * s, total]));
+        let options = AttentionModuleOptions {
+            scale: Some(self.scale),
+            ..Default::default()
+        };
+        attention(q, k, v, mask, None, options).reshape([b, h, s, hd])
+    }
+}
+
+/// The keys each folded query row may not see, `[batch or 1, 1, g * seq, total]`: later columns
+/// (causal, when more than one token is new) and padding; `None` when nothing is blocked.
+fn blocked(at: &Positions, b: usize, g: usize, s: usize, total: usize) -> Option<Tensor<4, Bool>> {
+    let device = at.cos.device();
+    // Query p (column start + p) sees columns 0..=start + p.
+    let causal = (s > 1).then(|| {
+        let rows = Tensor::<1, Int>::arange(at.start as i64..total as i64, &device).reshape([s, 1]);
+        let cols = Tensor::<1, Int>::arange(0..total as i64, &device).reshape([1, total]);
+        cols.expand([s, total])
+            .greater(rows.expand([s, total]))
+            .reshape([1, s, total])
+    });
+    let padding = at
+        .key_mask
+        .clone()
+        .map(|m| m.bool_not().reshape([b, 1, total]).expand([b, s, total]));
+    let blocked = match (causal, padding) {
+        (Some(c), Some(p)) => p.bool_or(c.expand([b, s, total])),
+        (c, p) => c.or(p)?,
+    };
+    let rows = blocked.dims()[0];
+    Some(
+        blocked
+            .reshape([rows, 1, 1, s, total])
+            .expand([rows, 1, g, s, total])
+            .reshape([rows, 1, g * s, total]),
+    )
 }

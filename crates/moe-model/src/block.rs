@@ -5,8 +5,9 @@ use burn::prelude::*;
 use burn::tensor::activation::sigmoid;
 use moe_core::{AuxLosses, MoeLayer, RoutingStats, SwiGluFfn, SwiGluFfnConfig};
 
-use crate::attention::{Attention, LayerCache};
+use crate::attention::{Attention, Positions};
 use crate::config::ModelConfig;
+use crate::kv_cache::LayerCache;
 
 /// The feed-forward half of a block.
 // One per block, built once: the size gap between the variants costs nothing worth boxing for.
@@ -139,46 +140,49 @@ impl Block {
         source.prefetch(&picked, &x.device());
     }
 
-    /// x: `[batch, seq, d_model]`; mask: `[batch, start + seq]` (true for real tokens).
-    /// Returns the output `[batch, seq, d_model]`, the extended cache and, for an MoE block,
-    /// its losses and statistics.
+    /// Runs the block over the new tokens at `at`, writing their keys and values into `cache`
+    /// when there is one. With `report`, an MoE block also returns its losses and statistics;
+    /// without, it computes only its output (inference).
+    ///
+    /// x: `[batch, seq, d_model]` -> `[batch, seq, d_model]`
     pub fn forward(
         &self,
         x: Tensor<3>,
-        cos: &Tensor<2>,
-        sin: &Tensor<2>,
-        cache: Option<LayerCache>,
-        mask: Option<Tensor<2, Bool>>,
-    ) -> (Tensor<3>, LayerCache, Option<MoeReport>) {
-        let (attn, cache) = self.attn.forward(
-            self.attn_norm.forward(x.clone()),
-            cos,
-            sin,
-            cache,
-            mask.clone(),
-        );
+        at: &Positions,
+        cache: Option<&mut Option<LayerCache>>,
+        report: bool,
+    ) -> (Tensor<3>, Option<MoeReport>) {
+        let attn = self
+            .attn
+            .forward(self.attn_norm.forward(x.clone()), at, cache);
         let x = x + self.scaled(attn);
         let h = self.ffn_norm.forward(x.clone());
-        match &self.ffn {
-            Ffn::Dense(ffn) => (x + self.scaled(ffn.forward(h)), cache, None),
+        let (y, report) = match &self.ffn {
+            Ffn::Dense(ffn) => (ffn.forward(h.clone()), None),
             Ffn::Moe(moe) => {
                 let [b, s, _] = h.dims();
                 // The FFN sees only the new positions: the last `s` columns of the mask.
-                let token_mask = mask.map(|m| {
+                let token_mask = at.key_mask.clone().map(|m| {
                     let total = m.dims()[1];
                     m.slice([0..b, total - s..total])
                 });
-                let out = moe.forward(h.clone(), token_mask);
-                let report = MoeReport {
-                    aux: out.aux,
-                    stats: out.stats,
-                };
-                let y = match &self.shared_expert {
-                    Some(shared) => out.output + shared.forward(h),
-                    None => out.output,
-                };
-                (x + self.scaled(y), cache, Some(report))
+                if report {
+                    let out = moe.forward(h.clone(), token_mask);
+                    let report = MoeReport {
+                        aux: out.aux,
+                        stats: out.stats,
+                    };
+                    (out.output, Some(report))
+                } else {
+                    (moe.infer(h.clone(), token_mask), None)
+                }
             }
-        }
+        };
+        // Only MoE blocks have a shared expert.
+        let y = match &self.shared_expert {
+            Some(shared) => y + shared.forward(h),
+            None => y,
+        };
+        (x + self.scaled(y), report)
     }
 }

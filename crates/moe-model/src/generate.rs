@@ -6,7 +6,8 @@ use rand::{Rng, SeedableRng};
 
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::model::{KvCache, MoeLm};
+use crate::kv_cache::KvCache;
+use crate::model::MoeLm;
 
 /// How the next token is picked from the logits.
 #[derive(Debug, Clone, PartialEq)]
@@ -201,9 +202,6 @@ pub fn generate(
 
 /// [`generate`], handing each new token to `on_token` as soon as it is sampled; generation
 /// stops after a token for which `on_token` returns false (a stop string, a closed output).
-///
-/// Each step runs only the new token through the blocks (the KV cache holds the rest) and the
-/// output head only at the last position.
 pub fn generate_streaming(
     model: &MoeLm,
     prompt: &[u32],
@@ -212,34 +210,98 @@ pub fn generate_streaming(
     eos: &[u32],
     mut on_token: impl FnMut(u32) -> bool,
 ) -> Result<Vec<u32>> {
+    let prompts = [prompt.to_vec()];
+    let mut out = generate_batch(model, &prompts, max_new_tokens, sampling, eos, |_, t| {
+        on_token(t)
+    })?;
+    Ok(out.remove(0))
+}
+
+/// Continues several prompts at once, each as [`generate`] would on its own (its own sampler
+/// seeded with `sampling.seed`, its own stop and context limit); `on_token(i, token)` gets each
+/// new token of prompt `i` as it is sampled and stops that prompt by returning false. Returns
+/// each prompt's new tokens, in order.
+///
+/// The prompts run as one batch, aligned on the right with padding on the left that no token
+/// attends to; each row's positions count from its first real token. A row that ends leaves the
+/// batch (its cache rows are dropped). Each step runs only the new tokens through the blocks (the
+/// KV cache, allocated once, holds the rest), the output head only at the last position, and
+/// no losses or routing statistics.
+pub fn generate_batch(
+    model: &MoeLm,
+    prompts: &[Vec<u32>],
+    max_new_tokens: usize,
+    sampling: &Sampling,
+    eos: &[u32],
+    mut on_token: impl FnMut(usize, u32) -> bool,
+) -> Result<Vec<Vec<u32>>> {
     sampling.validate()?;
     let config = &model.config;
-    check_prompt(config, prompt)?;
-    let device = model.embed.weight.val().device();
-    let budget = max_new_tokens.min(config.max_seq_len - prompt.len());
-    let mut rng = StdRng::seed_from_u64(sampling.seed);
-    let mut cache = KvCache::default();
-    let mut next: Vec<u32> = prompt.to_vec();
-    let mut out = Vec::with_capacity(budget);
-    while out.len() < budget {
-        let ids: Vec<i64> = next.iter().map(|&t| i64::from(t)).collect();
-        let tokens = Tensor::<1, Int>::from_ints(ids.as_slice(), &device).reshape([1, ids.len()]);
-        let mut last: Vec<f32> = model
-            .forward_last(tokens, &mut cache) // [1, vocab]
-            .into_data()
-            .try_into_vec_as::<f32>()
-            .expect("float logits");
-        if let Some(penalty) = sampling.repetition_penalty {
-            penalize_repeats(&mut last, prompt.iter().chain(&out), penalty);
-        }
-        let token = sample(&last, sampling, &mut rng)?;
-        out.push(token);
-        if !on_token(token) || eos.contains(&token) {
-            break;
-        }
-        next = vec![token];
+    for p in prompts {
+        check_prompt(config, p)?;
     }
-    Ok(out)
+    let device = model.embed.weight.val().device();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let budgets: Vec<usize> = prompts
+        .iter()
+        .map(|p| max_new_tokens.min(config.max_seq_len - p.len()))
+        .collect();
+    let steps = budgets.iter().copied().max().unwrap_or(0);
+    let pads: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+    let mut cache = KvCache::left_padded(pads.clone(), longest + steps);
+    let mut rngs: Vec<StdRng> = prompts
+        .iter()
+        .map(|_| StdRng::seed_from_u64(sampling.seed))
+        .collect();
+    let mut outs: Vec<Vec<u32>> = budgets.iter().map(|&b| Vec::with_capacity(b)).collect();
+    // Rows of the batch, as prompt indices; the first step runs the padded prompts.
+    let mut active: Vec<usize> = (0..prompts.len()).filter(|&i| budgets[i] > 0).collect();
+    if active.len() < prompts.len() {
+        cache.retain_rows(&active);
+    }
+    let mut next: Vec<Vec<u32>> = active
+        .iter()
+        .map(|&i| [vec![0; pads[i]], prompts[i].clone()].concat())
+        .collect();
+    while !active.is_empty() {
+        let logits = step_logits(model, &next, &mut cache, &device);
+        let vocab = config.vocab_size;
+        let mut keep = Vec::with_capacity(active.len());
+        for (row, &i) in active.iter().enumerate() {
+            let mut last = logits[row * vocab..(row + 1) * vocab].to_vec();
+            if let Some(penalty) = sampling.repetition_penalty {
+                penalize_repeats(&mut last, prompts[i].iter().chain(&outs[i]), penalty);
+            }
+            let token = sample(&last, sampling, &mut rngs[i])?;
+            outs[i].push(token);
+            let more = on_token(i, token) && !eos.contains(&token) && outs[i].len() < budgets[i];
+            if more {
+                keep.push(row);
+            }
+        }
+        if keep.len() < active.len() {
+            cache.retain_rows(&keep);
+        }
+        active = keep.iter().map(|&row| active[row]).collect();
+        next = active
+            .iter()
+            .map(|&i| vec![outs[i][outs[i].len() - 1]])
+            .collect();
+    }
+    Ok(outs)
+}
+
+/// One forward pass of equal-length rows of tokens after the cached ones: the next-token logits
+/// of each row's last position, read back as `[rows * vocab]`.
+fn step_logits(model: &MoeLm, rows: &[Vec<u32>], cache: &mut KvCache, device: &Device) -> Vec<f32> {
+    let (b, s) = (rows.len(), rows[0].len());
+    let ids: Vec<i64> = rows.iter().flatten().map(|&t| i64::from(t)).collect();
+    let tokens = Tensor::<1, Int>::from_ints(ids.as_slice(), device).reshape([b, s]);
+    model
+        .forward_last(tokens, cache) // [b, vocab]
+        .into_data()
+        .try_into_vec_as::<f32>()
+        .expect("float logits")
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ pub mod durable;
 pub mod error;
 pub mod generate;
 pub mod hf;
+pub mod kv_cache;
 pub mod merge;
 pub mod model;
 pub mod quantize;
@@ -40,4 +41,5 @@ pub mod weights;
 
 pub use config::{FfnPlan, ModelConfig, QkNorm, SharedExpertConfig};
 pub use error::{ModelError, Result};
-pub use model::{KvCache, ModelOutput, MoeLm};
+pub use kv_cache::KvCache;
+pub use model::{ModelOutput, MoeLm};

@@ -9,32 +9,12 @@ use burn::module::{ModuleVisitor, Param};
 use burn::prelude::*;
 use moe_core::{AuxLosses, MoeLayerConfig, Router, RoutingStats};
 
-use crate::attention::LayerCache;
+use crate::attention::Positions;
 use crate::block::{Block, Ffn, MoeReport};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::rope::Rope;
-
-/// Keys and values of every layer for incremental decoding.
-#[derive(Debug, Clone, Default)]
-pub struct KvCache {
-    layers: Vec<Option<LayerCache>>,
-}
-
-impl KvCache {
-    /// Positions already cached.
-    pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.as_ref())
-            .map_or(0, |c| c.k.dims()[2])
-    }
-
-    /// Whether nothing is cached yet.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
+use crate::kv_cache::KvCache;
+use crate::rope::{Rope, RopeTable};
 
 /// What a forward pass returns.
 #[derive(Debug, Clone)]
@@ -211,20 +191,40 @@ impl MoeLm {
     /// tokens: `[batch, seq]`; mask: `[batch, seq]`, true for real tokens (padding neither
     /// attends nor is attended to, nor counts in the balancing losses).
     pub fn forward(&self, tokens: Tensor<2, Int>, mask: Option<Tensor<2, Bool>>) -> ModelOutput {
-        let mut cache = KvCache::default();
-        self.forward_cached(tokens, mask, &mut cache)
+        let [_, s] = tokens.dims();
+        let (cos, sin) = Rope::new(self.config.head_dim(), self.config.rope_theta).tables(
+            0,
+            s,
+            &tokens.device(),
+        );
+        let at = Positions {
+            cos: cos.unsqueeze(),
+            sin: sin.unsqueeze(),
+            start: 0,
+            key_mask: mask,
+            reserve: 0,
+        };
+        let (x, aux, routing) = self.blocks(tokens, &at, None, true);
+        ModelOutput {
+            logits: self.head(x),
+            aux,
+            routing,
+        }
     }
 
-    /// Forward pass over new tokens that continue the cached ones; extends the cache.
+    /// Forward pass over new tokens that continue the cached ones; extends the cache. Returns the
+    /// logits of every new position with the losses and routing statistics.
     ///
-    /// tokens: `[batch, seq]`; mask: `[batch, cached + seq]` covering cached and new positions.
+    /// tokens: `[batch, seq]`; mask: `[batch, cached + seq]` covering cached and new positions
+    /// (`None`: the cache's own padding, if any).
     pub fn forward_cached(
         &self,
         tokens: Tensor<2, Int>,
         mask: Option<Tensor<2, Bool>>,
         cache: &mut KvCache,
     ) -> ModelOutput {
-        let (x, aux, routing) = self.blocks_cached(tokens, mask, cache);
+        let at = self.positions(&tokens, mask, cache);
+        let (x, aux, routing) = self.blocks(tokens, &at, Some(cache), true);
         ModelOutput {
             logits: self.head(x),
             aux,
@@ -233,32 +233,71 @@ impl MoeLm {
     }
 
     /// The next-token logits of the last position only, for generation: the blocks run over
-    /// every new token (extending the cache), the output head over the last one.
+    /// every new token (extending the cache) without losses or statistics, the output head over
+    /// the last one.
     ///
     /// tokens: `[batch, seq]` -> `[batch, vocab]`
     pub fn forward_last(&self, tokens: Tensor<2, Int>, cache: &mut KvCache) -> Tensor<2> {
-        let (x, _, _) = self.blocks_cached(tokens, None, cache);
+        let at = self.positions(&tokens, None, cache);
+        let (x, _, _) = self.blocks(tokens, &at, Some(cache), false);
         let [b, s, d] = x.dims();
         let logits = self.head(x.slice([0..b, s - 1..s, 0..d])); // [b, 1, vocab]
         let v = logits.dims()[2];
         logits.reshape([b, v])
     }
 
-    /// The blocks over new tokens after the cached ones: the final hidden states
-    /// `[batch, seq, d_model]`, the summed auxiliary losses and each MoE layer's statistics.
-    fn blocks_cached(
+    /// Where `tokens` go after the cached columns: their rotary angles, read from the cache's
+    /// table (each row's positions count from its first real token), and the key mask (`mask`,
+    /// or the cache's padding).
+    fn positions(
         &self,
-        tokens: Tensor<2, Int>,
+        tokens: &Tensor<2, Int>,
         mask: Option<Tensor<2, Bool>>,
         cache: &mut KvCache,
-    ) -> (Tensor<3>, Option<AuxLosses>, Vec<(usize, RoutingStats)>) {
-        let [_, s] = tokens.dims();
+    ) -> Positions {
+        let [b, s] = tokens.dims();
         let start = cache.len();
         let device = tokens.device();
-        let (cos, sin) =
-            Rope::new(self.config.head_dim(), self.config.rope_theta).tables(start, s, &device);
-        cache.layers.resize(self.blocks.len(), None);
+        let needed = (start + s).max(self.config.max_seq_len);
+        if cache.rope.as_ref().is_none_or(|t| t.len() < needed) {
+            let rope = Rope::new(self.config.head_dim(), self.config.rope_theta);
+            cache.rope = Some(RopeTable::new(&rope, needed, &device));
+        }
+        let table = cache.rope.as_ref().expect("built above");
+        let (cos, sin) = match cache.pads() {
+            None => table.range(start, s),
+            Some(pads) => {
+                let ids: Vec<i64> = pads
+                    .iter()
+                    .flat_map(|&p| (start..start + s).map(move |c| c.saturating_sub(p) as i64))
+                    .collect();
+                let ids = Tensor::<1, Int>::from_ints(ids.as_slice(), &device).reshape([b, s]);
+                table.gather(ids)
+            }
+        };
+        Positions {
+            cos,
+            sin,
+            start,
+            key_mask: mask.or_else(|| cache.key_mask(start + s, &device)),
+            reserve: cache.reserve(),
+        }
+    }
 
+    /// The blocks over the new tokens at `at`, writing into `cache` when there is one: the
+    /// final hidden states `[batch, seq, d_model]`, and with `report` the summed auxiliary
+    /// losses and each MoE layer's statistics.
+    fn blocks(
+        &self,
+        tokens: Tensor<2, Int>,
+        at: &Positions,
+        mut cache: Option<&mut KvCache>,
+        report: bool,
+    ) -> (Tensor<3>, Option<AuxLosses>, Vec<(usize, RoutingStats)>) {
+        let [_, s] = tokens.dims();
+        if let Some(c) = cache.as_deref_mut() {
+            c.layers.resize(self.blocks.len(), None);
+        }
         let mut x = self.embed.forward(tokens); // [b, s, d]
         if let Some(m) = self.config.embed_multiplier {
             x = x.mul_scalar(m);
@@ -269,17 +308,19 @@ impl MoeLm {
             if let Some(next) = self.blocks.get(i + 1) {
                 next.look_ahead(&x);
             }
-            let (out, layer_cache, report) =
-                block.forward(x, &cos, &sin, cache.layers[i].take(), mask.clone());
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let (out, r) = block.forward(x, at, slot, report);
             x = out;
-            cache.layers[i] = Some(layer_cache);
-            if let Some(MoeReport { aux: a, stats }) = report {
+            if let Some(MoeReport { aux: a, stats }) = r {
                 aux = Some(match aux {
                     Some(acc) => acc.merge(a),
                     None => a,
                 });
                 routing.push((i, stats));
             }
+        }
+        if let Some(c) = cache {
+            c.advance(s);
         }
         (x, aux, routing)
     }

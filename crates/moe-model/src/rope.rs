@@ -4,7 +4,7 @@
 
 use burn::prelude::*;
 
-/// Rotary embedding tables for one head width.
+/// Rotary embedding frequencies for one head width.
 #[derive(Debug, Clone)]
 pub struct Rope {
     inv_freq: Vec<f64>,
@@ -35,16 +35,61 @@ impl Rope {
 
     /// Rotates queries or keys.
     ///
-    /// x: `[batch, heads, seq, head_dim]`; cos, sin: `[seq, head_dim/2]` -> same shape as x
-    pub fn apply(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>) -> Tensor<4> {
+    /// x: `[batch, heads, seq, head_dim]`; cos, sin: `[batch or 1, seq, head_dim/2]` -> same
+    /// shape as x
+    pub fn apply(x: Tensor<4>, cos: &Tensor<3>, sin: &Tensor<3>) -> Tensor<4> {
         let [b, h, s, d] = x.dims();
         let half = d / 2;
-        let cos = cos.clone().reshape([1, 1, s, half]);
-        let sin = sin.clone().reshape([1, 1, s, half]);
+        let rows = cos.dims()[0];
+        let cos = cos.clone().reshape([rows, 1, s, half]);
+        let sin = sin.clone().reshape([rows, 1, s, half]);
         let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);
         let x2 = x.slice([0..b, 0..h, 0..s, half..d]);
         let out1 = x1.clone() * cos.clone() - x2.clone() * sin.clone();
         let out2 = x2 * cos + x1 * sin;
         Tensor::cat(vec![out1, out2], 3)
+    }
+}
+
+/// cos and sin of every position up to a length, on a device, computed once and read by index
+/// at each step.
+#[derive(Debug, Clone)]
+pub struct RopeTable {
+    cos: Tensor<2>,
+    sin: Tensor<2>,
+}
+
+impl RopeTable {
+    /// Tables for positions `0..len`.
+    pub fn new(rope: &Rope, len: usize, device: &Device) -> Self {
+        let (cos, sin) = rope.tables(0, len, device);
+        Self { cos, sin }
+    }
+
+    /// Positions covered.
+    pub fn len(&self) -> usize {
+        self.cos.dims()[0]
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// cos and sin of positions `start..start + seq`, shared by every row: `[1, seq, half]`.
+    pub fn range(&self, start: usize, seq: usize) -> (Tensor<3>, Tensor<3>) {
+        let half = self.cos.dims()[1];
+        let take = |t: &Tensor<2>| t.clone().slice([start..start + seq, 0..half]).unsqueeze();
+        (take(&self.cos), take(&self.sin))
+    }
+
+    /// cos and sin of a position per row and column: positions `[batch, seq]` ->
+    /// `[batch, seq, half]` each.
+    pub fn gather(&self, positions: Tensor<2, Int>) -> (Tensor<3>, Tensor<3>) {
+        let [b, s] = positions.dims();
+        let half = self.cos.dims()[1];
+        let index = positions.reshape([b * s]);
+        let take = |t: &Tensor<2>| t.clone().select(0, index.clone()).reshape([b, s, half]);
+        (take(&self.cos), take(&self.sin))
     }
 }

@@ -7,26 +7,13 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::prelude::*;
-use common::Mixtral;
+use common::{Mixtral, small_config};
 use moe_core::testing::{assert_close, test_device, values};
 use moe_core::{MoeLayerConfig, RouterConfig};
 use moe_model::checkpoint::{self, CONFIG_FILE, WEIGHTS_FILE};
 use moe_model::generate::{Sampling, generate};
-use moe_model::{FfnPlan, KvCache, ModelConfig, MoeLm, hf, merge, upcycle};
+use moe_model::{FfnPlan, KvCache, MoeLm, hf, merge, upcycle};
 use rstest::rstest;
-
-fn small_config() -> ModelConfig {
-    ModelConfig::new()
-        .with_vocab_size(64)
-        .with_d_model(32)
-        .with_n_layers(2)
-        .with_n_heads(4)
-        .with_n_kv_heads(2)
-        .with_d_ff(48)
-        .with_max_seq_len(32)
-        .with_ffn_plan(FfnPlan::EveryNth { n: 1 })
-        .with_moe(MoeLayerConfig::new(32, 24, 4).with_n_shared_experts(1))
-}
 
 fn tokens(ids: &[i64], device: &Device) -> Tensor<2, Int> {
     Tensor::<1, Int>::from_ints(ids, device).reshape([1, ids.len()])

@@ -1,4 +1,4 @@
-//! Test helpers: writing a Hugging Face Mixtral directory, and a naive f64 reference forward pass
+//! Test helpers: a small model config, writing a Hugging Face Mixtral directory, and a naive f64 reference forward pass
 //! of Mixtral written from the published definition, independent of the model and import code.
 
 #![allow(dead_code)] // each test binary uses part of it
@@ -6,8 +6,25 @@
 use std::collections::HashMap;
 use std::path::Path;
 
+use moe_core::MoeLayerConfig;
+use moe_model::{FfnPlan, ModelConfig};
 use safetensors::Dtype;
 use safetensors::tensor::TensorView;
+
+/// A small model of our own: GQA (4 query heads on 2 key/value heads), MoE blocks of 4 experts
+/// with a shared expert, a 64-token vocabulary and a 32-token context.
+pub fn small_config() -> ModelConfig {
+    ModelConfig::new()
+        .with_vocab_size(64)
+        .with_d_model(32)
+        .with_n_layers(2)
+        .with_n_heads(4)
+        .with_n_kv_heads(2)
+        .with_d_ff(48)
+        .with_max_seq_len(32)
+        .with_ffn_plan(FfnPlan::EveryNth { n: 1 })
+        .with_moe(MoeLayerConfig::new(32, 24, 4).with_n_shared_experts(1))
+}
 
 /// A tiny Mixtral's hyper-parameters.
 #[derive(Clone, Copy)]
