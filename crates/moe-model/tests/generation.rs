@@ -147,3 +147,21 @@ fn kv_cache_grows_and_drops_rows(#[values("flex", "ndarray", "wgpu")] backend: &
     assert_eq!(growing.capacity(), 16, "4 doubled to 8, then to 16");
     assert_eq!(reserved.capacity(), 16, "never grew");
 }
+
+/// The same weights give the same greedy tokens on wgpu as on flex, batched and alone.
+#[test]
+fn wgpu_generates_the_tokens_flex_does() {
+    let Some(wgpu) = test_device("wgpu") else {
+        return;
+    };
+    let flex = model(&Device::flex());
+    let moved = flex.clone().to_device(&wgpu);
+    let greedy = Sampling::greedy();
+    let on_flex = generate_batch(&flex, &prompts(), 8, &greedy, &[], |_, _| true).unwrap();
+    let on_wgpu = generate_batch(&moved, &prompts(), 8, &greedy, &[], |_, _| true).unwrap();
+    assert_eq!(on_wgpu, on_flex);
+    assert_eq!(
+        generate(&moved, &prompts()[1], 8, &greedy, &[]).unwrap(),
+        on_flex[1]
+    );
+}
