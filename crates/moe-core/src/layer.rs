@@ -227,12 +227,7 @@ impl MoeLayer {
         let x = x.reshape([b * s, d]);
         let valid = mask.map(|m| m.reshape([b * s]));
         let routing = self.router.forward(x.clone());
-        let Assignment::TokenChoice { experts, weights } = routing.assignment else {
-            unreachable!("token-choice routers assign experts to tokens");
-        };
-        let choice = self.layout_choice(x.device().is_autodiff());
-        let plan = TokenDispatch::plan(experts, valid, self.router.n_experts(), choice);
-        let mut output = plan.apply(&self.experts, x.clone(), weights);
+        let (_, mut output) = self.dispatch(x.clone(), &routing.assignment, valid);
         if let Some(shared) = &self.shared {
             output = output + shared.forward(x);
         }
@@ -314,12 +309,7 @@ impl MoeLayer {
         valid: Option<Tensor<1, Bool>>,
         tokens: &Tensor<1>,
     ) -> Routed {
-        let Assignment::TokenChoice { experts, weights } = assignment else {
-            unreachable!("token-choice routers assign experts to tokens");
-        };
-        let choice = self.layout_choice(x.device().is_autodiff());
-        let plan = TokenDispatch::plan(experts.clone(), valid, self.router.n_experts(), choice);
-        let output = plan.apply(&self.experts, x, weights.clone());
+        let (plan, output) = self.dispatch(x, assignment, valid);
         Routed {
             output,
             dropped: plan.dropped(),
@@ -327,6 +317,25 @@ impl MoeLayer {
             routed: plan.routed,
             load: plan.load,
         }
+    }
+
+    /// Plans a token-choice assignment's dispatch in this layer's layout and runs the experts:
+    /// the plan (loads, drops) and the combined output `[T, d_model]`.
+    ///
+    /// x: `[T, d_model]`; valid: `[T]`, true for real tokens
+    fn dispatch(
+        &self,
+        x: Tensor<2>,
+        assignment: &Assignment,
+        valid: Option<Tensor<1, Bool>>,
+    ) -> (TokenDispatch, Tensor<2>) {
+        let Assignment::TokenChoice { experts, weights } = assignment else {
+            unreachable!("token-choice routers assign experts to tokens");
+        };
+        let choice = self.layout_choice(x.device().is_autodiff());
+        let plan = TokenDispatch::plan(experts.clone(), valid, self.router.n_experts(), choice);
+        let output = plan.apply(&self.experts, x, weights.clone());
+        (plan, output)
     }
 
     /// Runs an expert-choice assignment; padding picked when real tokens run out gets no
