@@ -130,7 +130,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // 3. Merge, then fine-tune only the routers on the mixture.
     let routing = MoeLayerConfig::new(dense.d_model, dense.d_ff, branches.len())
         .with_router(RouterConfig::mixtral());
-    let (model, tokenizer, info) = merge_checkpoints(&branches, routing, 0, &device)?;
+    let (model, tokenizer, info) = merge_checkpoints(&branches, None, routing, 0, &device)?;
     let merged = out.join("merged");
     save_merged(&merged, &model, tokenizer.as_ref(), &info, true)?;
     let tuned = run(

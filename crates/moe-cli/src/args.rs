@@ -8,9 +8,9 @@ use moe_core::RouterConfig;
 use moe_train::TrainConfig;
 
 /// Training hyper-parameter flags (`moe train`, `moe branch`).
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct TrainFlags {
-    /// Optimizer steps (default 600).
+    /// Optimizer steps (default 1000).
     #[arg(long)]
     pub steps: Option<usize>,
     /// Sequences per batch.

@@ -4,16 +4,20 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::bail;
-use clap::Args;
+use clap::{Args, ValueEnum};
 use indicatif::MultiProgress;
 use moe_core::MoeLayerConfig;
 use moe_model::{ModelConfig, checkpoint};
 use moe_train::branch::{Branch, BranchJob, merge_checkpoints, save_merged, train_branches};
+use moe_train::btm::{BtmBranch, btm_evaluate};
+use moe_train::eval::{Windows, domain_evals};
+use moe_train::router_init::routers_from_domain_means;
+use moe_train::run::TrainerState;
 use moe_train::{ByteTokenizer, Start, Tokenizer};
 
 use crate::args::{RouterKind, TrainFlags, over_defaults};
 use crate::resolve_checkpoint;
-use crate::train_cmds::{corpus, stop_flag};
+use crate::train_cmds::{corpus, run_corpus, stop_flag};
 
 /// Arguments of `moe branch`.
 #[derive(Args, Debug)]
@@ -44,6 +48,11 @@ pub struct BranchArgs {
     devices: Vec<String>,
     #[command(flatten)]
     flags: TrainFlags,
+    /// Train only the feed-forward blocks of each branch (embeddings, attention, norms and head
+    /// stay the base's), so that merging averages nothing: the merged model is the base with
+    /// the branches' FFNs as experts.
+    #[arg(long)]
+    freeze_body: bool,
     /// Train the branches one after another instead of concurrently.
     #[arg(long)]
     sequential: bool,
@@ -58,7 +67,10 @@ pub struct BranchArgs {
 /// Runs `moe branch`.
 pub fn branch(a: BranchArgs) -> anyhow::Result<()> {
     let tokenizer = ByteTokenizer;
-    let config = a.flags.resolve(a.train_config.as_deref(), None)?;
+    let mut config = a.flags.resolve(a.train_config.as_deref(), None)?;
+    if a.freeze_body {
+        config.train = moe_train::TrainPart::Ffn;
+    }
     config.validate()?;
     let base = match (&a.base, &a.config) {
         (Some(ckpt), _) => Start::From(resolve_checkpoint(ckpt)?),
@@ -150,6 +162,18 @@ pub fn branch(a: BranchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How a merged model's routers start.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum RouterInit {
+    /// The router preset's initialisation (small random gates).
+    Fresh,
+    /// From each domain's mean hidden state.
+    DomainMeans,
+}
+
+/// Training windows per domain the domain means are taken over.
+const DOMAIN_MEAN_WINDOWS: usize = 64;
+
 /// Arguments of `moe merge`.
 #[derive(Args, Debug)]
 pub struct MergeArgs {
@@ -169,6 +193,18 @@ pub struct MergeArgs {
     /// Seed of the routers' initialisation.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// A dense checkpoint (the branches' base, say) whose FFN becomes one more expert, last: a
+    /// generalist beside the domain experts.
+    #[arg(long)]
+    generalist: Option<PathBuf>,
+    /// How the routers start: `fresh` (random, small) or `domain-means` (each expert's gate
+    /// points at its branch's domain's mean hidden state, computed on the training text).
+    #[arg(long, value_enum, default_value_t = RouterInit::Fresh)]
+    router_init: RouterInit,
+    /// Corpus directory for `--router-init domain-means` (default: the corpus the first branch
+    /// recorded).
+    #[arg(long)]
+    data: Option<PathBuf>,
     /// Replace an existing checkpoint at --out.
     #[arg(long)]
     overwrite: bool,
@@ -185,7 +221,21 @@ pub fn merge(a: MergeArgs) -> anyhow::Result<()> {
     let d = checkpoint::load_config(&branches[0])?.d_model;
     let moe = MoeLayerConfig::new(d, d, branches.len()).with_router(a.router.config(Some(a.top_k)));
     let device = burn::tensor::Device::flex();
-    let (model, tokenizer, info) = merge_checkpoints(&branches, moe, a.seed, &device)?;
+    let generalist = a
+        .generalist
+        .as_deref()
+        .map(resolve_checkpoint)
+        .transpose()?;
+    let (model, tokenizer, info) =
+        merge_checkpoints(&branches, generalist.as_deref(), moe, a.seed, &device)?;
+    let model = match a.router_init {
+        RouterInit::Fresh => model,
+        RouterInit::DomainMeans => {
+            let tok = moe_train::hf_tokenizer::for_checkpoint(&branches[0], tokenizer.as_ref())?;
+            let (corpus, run) = run_corpus(&branches[0], a.data.as_deref(), tok.as_ref())?;
+            routers_from_domain_means(model, &corpus, &info, DOMAIN_MEAN_WINDOWS, run.seq_len)?
+        }
+    };
     let dir = save_merged(&a.out, &model, tokenizer.as_ref(), &info, a.overwrite)?;
     println!("merged {} branches into {}", branches.len(), dir.display());
     for (i, e) in info.experts.iter().enumerate() {
@@ -201,11 +251,121 @@ pub fn merge(a: MergeArgs) -> anyhow::Result<()> {
     }
     let acc = model.config.accounting().total;
     println!(
-        "{} parameters, {} active per token ({:.2}x); fine-tune the router with: moe train --from {} --train router --out RUN",
+        "{} parameters, {} active per token ({:.2}x); fine-tune it on the mixture with: moe train --from {} --out RUN",
         acc.total_params,
         acc.active_params,
         acc.sparsity_ratio(),
         dir.display()
     );
+    Ok(())
+}
+
+/// Arguments of `moe btm`.
+#[derive(Args, Debug)]
+pub struct BtmArgs {
+    /// Branch checkpoints or branch run directories.
+    #[arg(required = true, num_args = 2..)]
+    branches: Vec<PathBuf>,
+    /// Tokens at the start of each window that choose its branch; the rest are scored.
+    #[arg(long, default_value_t = 32)]
+    prefix: usize,
+    /// Checkpoints (or run directories) to score on the same positions, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    against: Vec<PathBuf>,
+    /// Corpus directory (default: the corpus the first branch recorded).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Validation windows per domain, or `all` (default: the first branch's `report_windows`).
+    #[arg(long, value_parser = crate::train_cmds::parse_windows)]
+    windows: Option<usize>,
+    /// Device.
+    #[arg(long, default_value = "flex")]
+    device: String,
+    /// Print the figures as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `moe btm`: Branch-Train-Merge inference (one branch per window, chosen by its prefix)
+/// against other models on the same positions.
+pub fn btm(a: BtmArgs) -> anyhow::Result<()> {
+    let device = crate::device(&a.device)?;
+    let load = |p: &PathBuf| -> anyhow::Result<(PathBuf, checkpoint::Checkpoint)> {
+        let dir = resolve_checkpoint(p)?;
+        let ckpt = checkpoint::load(&dir, &device)?;
+        Ok((dir, ckpt))
+    };
+    let branches = a
+        .branches
+        .iter()
+        .map(load)
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (first, first_ckpt) = &branches[0];
+    let tokenizer = moe_train::hf_tokenizer::for_checkpoint(first, first_ckpt.tokenizer.as_ref())?;
+    let (corpus, run) = run_corpus(first, a.data.as_deref(), tokenizer.as_ref())?;
+    if a.prefix == 0 || a.prefix >= run.seq_len {
+        bail!("--prefix must be in 1..{} (the window length)", run.seq_len);
+    }
+    corpus.check_window(run.seq_len + 1)?;
+    let w = Windows {
+        per_domain: a.windows.unwrap_or(run.report_windows),
+        seq_len: run.seq_len,
+        batch: run.batch_size,
+        from: a.prefix,
+    };
+    let btm_branches: Vec<BtmBranch> = branches
+        .iter()
+        .map(|(dir, ckpt)| BtmBranch {
+            model: &ckpt.model,
+            domains: TrainerState::read(dir)
+                .map(|s| s.domains)
+                .unwrap_or_default(),
+        })
+        .collect();
+    let report = btm_evaluate(&btm_branches, &corpus, w);
+    let against = a
+        .against
+        .iter()
+        .map(|p| {
+            let (dir, ckpt) = load(p)?;
+            Ok((dir, domain_evals(&ckpt.model, &corpus, w)))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    if a.json {
+        let json = serde_json::json!({
+            "btm": report,
+            "against": against.iter().map(|(dir, evals)| serde_json::json!({
+                "checkpoint": dir, "losses": evals,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(());
+    }
+    println!(
+        "loss over positions {}..{} of {} windows per domain (± standard error); BTM picks one branch per window by its first {} tokens",
+        a.prefix,
+        run.seq_len,
+        w.per_domain.min(report.losses[0].windows),
+        a.prefix
+    );
+    print!("{:<12} {:>18} {:>10}", "domain", "BTM", "own branch");
+    for (dir, _) in &against {
+        print!(
+            " {:>18}",
+            dir.file_name().unwrap_or_default().to_string_lossy()
+        );
+    }
+    println!();
+    for (d, l) in report.losses.iter().enumerate() {
+        let own = report.own_branch[d].map_or("-".into(), |s| format!("{s:.2}"));
+        print!(
+            "{:<12} {:>9.4} ± {:.4} {:>10}",
+            l.domain, l.loss, l.stderr, own
+        );
+        for (_, evals) in &against {
+            print!(" {:>9.4} ± {:.4}", evals[d].loss, evals[d].stderr);
+        }
+        println!();
+    }
     Ok(())
 }

@@ -5,6 +5,7 @@ mod args;
 mod bench_cmd;
 mod branch_cmds;
 mod budget;
+mod compare_cmd;
 mod inspect;
 mod model_cmds;
 mod prompt;
@@ -31,10 +32,14 @@ enum Command {
     Train(train_cmds::TrainArgs),
     /// Evaluate a checkpoint: per-domain loss and the domain x expert routing table.
     Eval(train_cmds::EvalArgs),
+    /// Compare groups of runs (seeds): per-domain loss with 95% intervals and differences.
+    Compare(compare_cmd::CompareArgs),
     /// Train copies of a dense base, one per domain, concurrently (Branch-Train-MiX).
     Branch(branch_cmds::BranchArgs),
     /// Merge branches into an MoE: each branch's FFN becomes one expert.
     Merge(branch_cmds::MergeArgs),
+    /// Branch-Train-Merge: score each window with the branch its prefix picks.
+    Btm(branch_cmds::BtmArgs),
     /// Generate text from a prompt.
     Generate(model_cmds::GenerateArgs),
     /// Print the logits of every prompt position as JSON.
@@ -84,8 +89,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Train(a) => train_cmds::train(a),
         Command::Eval(a) => train_cmds::eval(a),
+        Command::Compare(a) => compare_cmd::compare(a),
         Command::Branch(a) => branch_cmds::branch(a),
         Command::Merge(a) => branch_cmds::merge(a),
+        Command::Btm(a) => branch_cmds::btm(a),
         Command::Generate(a) => model_cmds::generate(a),
         Command::Logits(a) => model_cmds::logits(a),
         Command::Inspect(a) => inspect::inspect(a),

@@ -8,6 +8,7 @@ use anyhow::bail;
 use clap::{Args, ValueEnum};
 use moe_core::MoeLayerConfig;
 use moe_model::{ModelConfig, checkpoint};
+use moe_train::compare::{group_runs, seed_dir};
 use moe_train::eval::random_router_controls;
 use moe_train::merge_info::MergeInfo;
 use moe_train::parallel::check_split;
@@ -24,12 +25,16 @@ use crate::resolve_checkpoint;
 /// Which parameters `--train` updates.
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Part {
+    /// Every parameter.
     All,
+    /// Only the routers.
     Router,
+    /// Only the feed-forward blocks (FFNs, experts, routers).
+    Ffn,
 }
 
 /// Arguments of `moe train`.
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct TrainArgs {
     /// Run directory (default: runs/moe, or runs/dense with --dense).
     #[arg(long)]
@@ -80,6 +85,10 @@ pub struct TrainArgs {
     /// No progress bar, evaluation lines or final report.
     #[arg(long)]
     quiet: bool,
+    /// Train this many runs with consecutive seeds (from --seed), each in OUT/seed-N, and
+    /// summarise their validation losses with 95% intervals (compare groups with `moe compare`).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    seeds: u64,
 }
 
 /// The run's training config (`saved` when resuming), checked, including that its batches can
@@ -89,6 +98,7 @@ fn train_config(a: &TrainArgs, saved: Option<TrainConfig>) -> anyhow::Result<Tra
     c.train = match a.train {
         Part::All => TrainPart::All,
         Part::Router => TrainPart::Router,
+        Part::Ffn => TrainPart::Ffn,
     };
     c.validate()?;
     check_split(a.device.len(), c.batch_size)?;
@@ -135,7 +145,7 @@ pub(crate) fn corpus(
             dir.display().to_string(),
         ),
         None => (
-            Corpus::builtin(config.seed, config.corpus_bytes, tokenizer),
+            Corpus::builtin(config.corpus_seed, config.corpus_bytes, tokenizer),
             "builtin".into(),
         ),
     })
@@ -159,12 +169,51 @@ pub(crate) fn stop_flag() -> Arc<AtomicBool> {
     stop
 }
 
-/// Runs `moe train`.
-pub fn train(a: TrainArgs) -> anyhow::Result<()> {
-    let out = a
-        .out
+/// The run directory of `moe train` (default: runs/moe, or runs/dense with --dense).
+fn out_dir(a: &TrainArgs) -> PathBuf {
+    a.out
         .clone()
-        .unwrap_or_else(|| PathBuf::from(if a.dense { "runs/dense" } else { "runs/moe" }));
+        .unwrap_or_else(|| PathBuf::from(if a.dense { "runs/dense" } else { "runs/moe" }))
+}
+
+/// Runs `moe train`: one run, or `--seeds N` runs and their summary.
+pub fn train(a: TrainArgs) -> anyhow::Result<()> {
+    if a.seeds == 1 {
+        return train_one(a);
+    }
+    let out = out_dir(&a);
+    let seeds: Vec<u64> = if a.resume {
+        group_runs(&out)?
+            .into_iter()
+            .filter_map(|(_, s)| s)
+            .collect()
+    } else {
+        let first = a.flags.resolve(a.config.as_deref(), None)?.seed;
+        (first..first + a.seeds).collect()
+    };
+    for &seed in &seeds {
+        let mut run = a.clone();
+        run.seeds = 1;
+        run.out = Some(seed_dir(&out, seed));
+        run.flags.seed = Some(seed);
+        if !a.quiet {
+            println!(
+                "
+== seed {seed} =="
+            );
+        }
+        train_one(run)?;
+    }
+    if !a.quiet {
+        println!();
+        crate::compare_cmd::print_comparison(&[out], None, None, &a.device[0], false)?;
+    }
+    Ok(())
+}
+
+/// Runs one training run.
+fn train_one(a: TrainArgs) -> anyhow::Result<()> {
+    let out = out_dir(&a);
     let devices = crate::devices(&a.device)?;
     // Every input is read and checked before the run directory is created or touched.
     let tokenizer: Box<dyn Tokenizer>;
@@ -281,7 +330,7 @@ fn report(
     config: &TrainConfig,
     run: &RunDir,
 ) -> anyhow::Result<()> {
-    let (windows, seq_len, batch) = (config.eval_windows * 2, config.seq_len, config.batch_size);
+    let (windows, seq_len, batch) = (config.report_windows, config.seq_len, config.batch_size);
     let mut eval = evaluate(model, corpus, windows, seq_len, batch);
     if !eval.tables.is_empty() {
         eval.controls = random_router_controls(
@@ -337,9 +386,9 @@ pub struct EvalArgs {
     /// Device.
     #[arg(long, default_value = "flex")]
     device: String,
-    /// Validation windows per domain.
-    #[arg(long, default_value_t = 16)]
-    windows: usize,
+    /// Validation windows per domain, or `all` (default: the run's `report_windows`, 256).
+    #[arg(long, value_parser = parse_windows)]
+    windows: Option<usize>,
     /// Also measure random-router controls of the routing NMI (routers redrawn; the model
     /// untrained), this many random draws each.
     #[arg(long, default_value_t = 0)]
@@ -348,26 +397,57 @@ pub struct EvalArgs {
     budget: crate::budget::BudgetArgs,
 }
 
+/// `--windows N` or `--windows all`.
+pub(crate) fn parse_windows(s: &str) -> Result<usize, String> {
+    match s {
+        "all" => Ok(usize::MAX),
+        n => match n.parse::<usize>() {
+            Ok(0) | Err(_) => Err(format!("expected a positive number or `all`, got `{s}`")),
+            Ok(n) => Ok(n),
+        },
+    }
+}
+
+/// The corpus a checkpoint was trained on, rebuilt from the settings it records (its
+/// `trainer.json`: data source, corpus seed and size), with the run's training configuration;
+/// `data` overrides the source. A checkpoint without that record (a merged model, an import)
+/// gets the default built-in corpus and configuration.
+pub(crate) fn run_corpus(
+    checkpoint: &Path,
+    data: Option<&Path>,
+    tokenizer: &dyn Tokenizer,
+) -> anyhow::Result<(Corpus, TrainConfig)> {
+    let state = TrainerState::read(checkpoint).ok();
+    let config = state
+        .as_ref()
+        .and_then(|s| s.train.clone())
+        .unwrap_or_else(TrainConfig::new);
+    let recorded = state
+        .filter(|s| s.data != "builtin")
+        .map(|s| PathBuf::from(s.data));
+    let (corpus, _) = corpus(data.or(recorded.as_deref()), &config, tokenizer)?;
+    Ok((corpus, config))
+}
+
 /// Runs `moe eval`.
 pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let device = crate::device(&a.device)?;
     let dir = resolve_checkpoint(&a.checkpoint)?;
     let (ckpt, _) = a.budget.load(&dir, &device)?;
     let tokenizer = moe_train::hf_tokenizer::for_checkpoint(&dir, ckpt.tokenizer.as_ref())?;
-    let defaults = TrainConfig::new();
-    let (corpus, _) = corpus(a.data.as_deref(), &defaults, tokenizer.as_ref())?;
-    let seq_len = defaults.seq_len.min(ckpt.model.config.max_seq_len);
+    let (corpus, run) = run_corpus(&dir, a.data.as_deref(), tokenizer.as_ref())?;
+    let seq_len = run.seq_len.min(ckpt.model.config.max_seq_len);
     corpus.check_window(seq_len + 1)?;
-    let batch = defaults.batch_size;
-    let mut report = evaluate(&ckpt.model, &corpus, a.windows, seq_len, batch);
+    let (batch, windows) = (run.batch_size, a.windows.unwrap_or(run.report_windows));
+    let mut report = evaluate(&ckpt.model, &corpus, windows, seq_len, batch);
     if a.controls > 0 && !report.tables.is_empty() {
         report.controls = random_router_controls(
             &ckpt.model,
             &corpus,
-            a.windows,
+            windows,
             seq_len,
             batch,
-            defaults.seed,
+            run.seed,
             a.controls,
         )?;
     }

@@ -96,6 +96,14 @@ impl Fixture {
             .init_seeded(&burn::tensor::Device::flex(), 1)
             .unwrap();
         moe_model::checkpoint::save(&f.path("small-vocab"), &small_vocab, None, false).unwrap();
+        // Two dense models with no training record (so no domain): branches to merge.
+        let dense = small_vocab.config.clone().with_vocab_size(258);
+        for (name, seed) in [("dense-a", 2), ("dense-b", 3)] {
+            let m = dense
+                .init_seeded(&burn::tensor::Device::flex(), seed)
+                .unwrap();
+            moe_model::checkpoint::save(&f.path(name), &m, None, false).unwrap();
+        }
         // A Hugging Face directory whose index sends a shard outside it.
         std::fs::create_dir_all(f.path("escape")).unwrap();
         f.write(
@@ -467,6 +475,32 @@ const CASES: &[(&str, &str, &str)] = &[
         "eval on a binary corpus",
         "eval ckpt --data binary-corpus",
         "blob.txt: looks binary",
+    ),
+    (
+        "eval with zero windows",
+        "eval ckpt --windows 0",
+        "expected a positive number or `all`, got `0`",
+    ),
+    (
+        "train with zero seeds",
+        "train --seeds 0 --out s",
+        "--seeds",
+    ),
+    ("compare a missing run", "compare run nope", "nope"),
+    (
+        "compare on a binary corpus",
+        "compare run ckpt --data binary-corpus",
+        "blob.txt: looks binary",
+    ),
+    (
+        "Branch-Train-Merge with a prefix as long as the window",
+        "btm ckpt ckpt --prefix 16",
+        "--prefix must be in 1..16",
+    ),
+    (
+        "router init from domains for experts without one",
+        "merge dense-a dense-b --router-init domain-means --out m",
+        "needs at least two experts whose branch trained on one corpus domain",
     ),
 ];
 

@@ -425,6 +425,131 @@ fn branch_merge_fine_tune_eval() {
     assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
 }
 
+/// Branch-Train-MiX options: branches with the body frozen keep the base's attention; a merge
+/// with the base as generalist expert and routers from domain means; Branch-Train-Merge
+/// against the merged model on the same positions.
+#[test]
+fn frozen_branches_generalist_domain_mean_routers_and_btm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = dense_checkpoint(&tmp.path().join("base"));
+    let dir = tmp.path().join("fb");
+    let small = [
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "8",
+        "--steps",
+        "6",
+        "--quiet",
+    ];
+    let mut args = vec!["branch", "--base", &base, "--freeze-body"];
+    args.extend(["--domains", "code,english", "--out", dir.to_str().unwrap()]);
+    args.extend(small);
+    let o = moe(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let code = dir.join("code");
+    let latest = std::fs::read_to_string(code.join("latest")).unwrap();
+    let (before, after) = (
+        weights(Path::new(&base)),
+        weights(&code.join(latest.trim())),
+    );
+    // Visiting order: embedding first, then per block attention norm and projections.
+    assert_eq!(before[0], after[0], "embeddings frozen");
+    assert_eq!(before[1], after[1], "the first attention norm frozen");
+    assert_ne!(before, after, "the FFNs trained");
+
+    let merged = tmp.path().join("m");
+    let (code_s, english_s) = (code.display().to_string(), dir.join("english"));
+    let mut args = vec![
+        "merge",
+        &code_s,
+        english_s.to_str().unwrap(),
+        "--generalist",
+        &base,
+    ];
+    args.extend(["--router-init", "domain-means", "--top-k", "1"]);
+    args.extend(["--out", merged.to_str().unwrap()]);
+    let o = moe(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("expert 2"), "{}", stdout(&o));
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(merged.join("merge.json")).unwrap()).unwrap();
+    assert_eq!(info["experts"][2]["generalist"], true);
+
+    let mut args = vec!["btm", &code_s, english_s.to_str().unwrap(), "--prefix", "8"];
+    args.extend([
+        "--windows",
+        "2",
+        "--json",
+        "--against",
+        merged.to_str().unwrap(),
+    ]);
+    let o = moe(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(r["btm"]["losses"].as_array().unwrap().len(), 4);
+    assert!(
+        r["btm"]["own_branch"][0].as_f64().is_some(),
+        "code has a branch"
+    );
+    assert!(r["btm"]["own_branch"][1].is_null(), "arithmetic has none");
+    assert_eq!(r["against"][0]["losses"][0]["windows"], 2);
+    let o = moe(&[
+        "btm",
+        &code_s,
+        english_s.to_str().unwrap(),
+        "--prefix",
+        "32",
+    ]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--prefix"), "{}", stderr(&o));
+}
+
+/// `moe train --seeds N` trains one run per seed; `moe compare` gives each group's loss with
+/// an interval and the difference, paired by seed.
+#[test]
+fn seeds_and_compare() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tiny_model(tmp.path());
+    let small = [
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "8",
+        "--steps",
+        "4",
+        "--quiet",
+    ];
+    let (moe_dir, dense_dir) = (tmp.path().join("moe"), tmp.path().join("dense"));
+    for (out, dense) in [(&moe_dir, false), (&dense_dir, true)] {
+        let mut args = vec!["train", "--seeds", "2", "--model-config", &model];
+        args.extend(["--out", out.to_str().unwrap()]);
+        args.extend(small);
+        if dense {
+            args.push("--dense");
+        }
+        let o = moe(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert!(out.join("seed-42/latest").exists() && out.join("seed-43/latest").exists());
+    }
+    let (a, b) = (moe_dir.to_str().unwrap(), dense_dir.to_str().unwrap());
+    let o = moe(&["compare", a, b, "--windows", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = stdout(&o);
+    assert!(text.contains("dense - moe") && text.contains("±"), "{text}");
+    assert!(text.contains("paired by seed"), "{text}");
+    let o = moe(&["compare", a, b, "--windows", "2", "--json"]);
+    let c: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(c["groups"][1]["paired"], true);
+    assert_eq!(c["groups"][0]["runs"], 2);
+    assert!(
+        c["groups"][1]["vs_first"][0]["half_width"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+}
+
 /// `moe export --hf` writes a Mixtral directory that `moe import-hf` reads back to the same
 /// logits; `--out` and `--hf` are exclusive, one required; a dense model is refused in one line.
 #[test]

@@ -10,7 +10,7 @@
 //! the gate weights, and updated outside the gradient by [`crate::MoeLayer::update_selection_bias`].
 
 use burn::module::Param;
-use burn::nn::{Linear, LinearConfig};
+use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::activation::{sigmoid, softmax};
@@ -52,6 +52,12 @@ pub struct RouterConfig {
     /// Factor on the gate weights after normalisation (DeepSeek-V3's routed scaling). Default: 1.
     #[config(default = 1.0)]
     pub route_scale: f64,
+    /// Standard deviation of the gate weights at initialisation; 0 starts them at zero.
+    /// Default: 0.02 (as in Switch and DeepSeek). Small gates start with near-uniform routing
+    /// probabilities, so the balancing loss and the language-model loss shape the routing,
+    /// rather than the random projection of a default (Kaiming) initialisation.
+    #[config(default = 0.02)]
+    pub init_std: f64,
 }
 
 impl RouterConfig {
@@ -106,6 +112,13 @@ impl RouterConfig {
                 value: self.jitter,
             });
         }
+        if !(self.init_std >= 0.0 && self.init_std.is_finite()) {
+            return Err(ConfigError::OutOfRange {
+                name: "init_std",
+                expected: ">= 0 and finite",
+                value: self.init_std,
+            });
+        }
         if !(self.route_scale > 0.0 && self.route_scale.is_finite()) {
             return Err(ConfigError::OutOfRange {
                 name: "route_scale",
@@ -124,6 +137,14 @@ impl RouterConfig {
         Router {
             gate: LinearConfig::new(d_model, n_experts)
                 .with_bias(false)
+                .with_initializer(if self.init_std > 0.0 {
+                    Initializer::Normal {
+                        mean: 0.0,
+                        std: self.init_std,
+                    }
+                } else {
+                    Initializer::Zeros
+                })
                 .init(device),
             bias,
             config: self.clone(),
@@ -323,6 +344,19 @@ mod tests {
         };
         assert!(values(weights).iter().all(|w| w.is_finite()));
         assert!(values(routing.probs).iter().all(|p| p.is_finite()));
+    }
+
+    #[rstest]
+    fn gates_start_small_or_at_zero(#[values("flex", "ndarray", "wgpu")] backend: &str) {
+        let Some(device) = test_device(backend) else {
+            return;
+        };
+        let w = values(RouterConfig::new().init(256, 64, &device).gate.weight.val());
+        let std = (w.iter().map(|v| v * v).sum::<f32>() / w.len() as f32).sqrt();
+        assert!((0.018..0.022).contains(&std), "std {std}");
+        let zero = RouterConfig::new().with_init_std(0.0).init(8, 4, &device);
+        assert!(values(zero.gate.weight.val()).iter().all(|&v| v == 0.0));
+        assert!(RouterConfig::new().with_init_std(-1.0).validate(4).is_err());
     }
 
     #[test]

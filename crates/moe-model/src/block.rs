@@ -152,10 +152,34 @@ impl Block {
         cache: Option<&mut Option<LayerCache>>,
         report: bool,
     ) -> (Tensor<3>, Option<MoeReport>) {
+        let x = self.attend(x, at, cache);
+        self.feed(x, at, report)
+    }
+
+    /// The attention half: `x + attn(norm(x))`.
+    ///
+    /// x: `[batch, seq, d_model]` -> `[batch, seq, d_model]`
+    pub fn attend(
+        &self,
+        x: Tensor<3>,
+        at: &Positions,
+        cache: Option<&mut Option<LayerCache>>,
+    ) -> Tensor<3> {
         let attn = self
             .attn
             .forward(self.attn_norm.forward(x.clone()), at, cache);
-        let x = x + self.scaled(attn);
+        x + self.scaled(attn)
+    }
+
+    /// The feed-forward half: `x + ffn(norm(x))`, with an MoE block's report when asked.
+    ///
+    /// x: `[batch, seq, d_model]` -> `[batch, seq, d_model]`
+    pub fn feed(
+        &self,
+        x: Tensor<3>,
+        at: &Positions,
+        report: bool,
+    ) -> (Tensor<3>, Option<MoeReport>) {
         let h = self.ffn_norm.forward(x.clone());
         let (y, report) = match &self.ffn {
             Ffn::Dense(ffn) => (ffn.forward(h.clone()), None),

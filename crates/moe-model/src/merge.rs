@@ -73,10 +73,17 @@ fn stack_ffns(ffns: &[&SwiGluFfn]) -> Experts {
     }
 }
 
-/// Merges dense branches into one MoE model with one expert per branch (in the given order).
-/// `moe` gives the routing (`top_k`, router kind, capacity); its sizes are taken from the
-/// branches. Shared experts are not supported.
-pub fn merge(branches: Vec<MoeLm>, moe: MoeLayerConfig, seed: u64) -> Result<MoeLm> {
+/// Merges dense branches into one MoE model with one expert per branch (in the given order),
+/// and, with a `generalist` (the branches' seed model, say), its FFN as one more expert, last;
+/// the generalist takes no part in the mean of the other weights. `moe` gives the routing
+/// (`top_k`, router kind, capacity); its sizes are taken from the branches. Shared experts are
+/// not supported.
+pub fn merge(
+    branches: Vec<MoeLm>,
+    generalist: Option<&MoeLm>,
+    moe: MoeLayerConfig,
+    seed: u64,
+) -> Result<MoeLm> {
     if branches.len() < 2 {
         return Err(ModelError::Config(format!(
             "merging needs at least 2 branches, got {}",
@@ -94,10 +101,13 @@ pub fn merge(branches: Vec<MoeLm>, moe: MoeLayerConfig, seed: u64) -> Result<Moe
             return Err(ModelError::Config(format!("branch {i} {problem}")));
         }
     }
+    if let Some(problem) = generalist.and_then(|g| architecture_mismatch(first, &g.config)) {
+        return Err(ModelError::Config(format!("the generalist {problem}")));
+    }
     let mut moe = moe;
     moe.d_model = first.d_model;
     moe.d_ff = first.d_ff;
-    moe.n_experts = branches.len();
+    moe.n_experts = branches.len() + usize::from(generalist.is_some());
     let config = first
         .clone()
         .with_ffn_plan(FfnPlan::AllMoe)
@@ -126,6 +136,7 @@ pub fn merge(branches: Vec<MoeLm>, moe: MoeLayerConfig, seed: u64) -> Result<Moe
         .map(|layer| {
             let ffns: Vec<&SwiGluFfn> = branches
                 .iter()
+                .chain(generalist)
                 .map(|b| match &b.blocks[layer].ffn {
                     Ffn::Dense(f) => f,
                     Ffn::Moe(_) => unreachable!("branches were checked to be dense"),

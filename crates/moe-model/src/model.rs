@@ -191,25 +191,28 @@ impl MoeLm {
     /// tokens: `[batch, seq]`; mask: `[batch, seq]`, true for real tokens (padding neither
     /// attends nor is attended to, nor counts in the balancing losses).
     pub fn forward(&self, tokens: Tensor<2, Int>, mask: Option<Tensor<2, Bool>>) -> ModelOutput {
-        let [_, s] = tokens.dims();
-        let (cos, sin) = Rope::new(self.config.head_dim(), self.config.rope_theta).tables(
-            0,
-            s,
-            &tokens.device(),
-        );
-        let at = Positions {
-            cos: cos.unsqueeze(),
-            sin: sin.unsqueeze(),
-            start: 0,
-            key_mask: mask,
-            reserve: 0,
-        };
+        let at = self.full_positions(&tokens, mask);
         let (x, aux, routing) = self.blocks(tokens, &at, None, true);
         ModelOutput {
             logits: self.head(x),
             aux,
             routing,
         }
+    }
+
+    /// The input of every block's feed-forward part (after its norm): what a router sees.
+    ///
+    /// tokens: `[batch, seq]` -> one `[batch, seq, d_model]` per block
+    pub fn ffn_inputs(&self, tokens: Tensor<2, Int>) -> Vec<Tensor<3>> {
+        let at = self.full_positions(&tokens, None);
+        let mut x = self.embedded(tokens);
+        let mut inputs = Vec::with_capacity(self.blocks.len());
+        for block in &self.blocks {
+            let attended = block.attend(x, &at, None);
+            inputs.push(block.ffn_norm.forward(attended.clone()));
+            x = block.feed(attended, &at, false).0;
+        }
+        inputs
     }
 
     /// Forward pass over new tokens that continue the cached ones; extends the cache. Returns the
@@ -244,6 +247,34 @@ impl MoeLm {
         let logits = self.head(x.slice([0..b, s - 1..s, 0..d])); // [b, 1, vocab]
         let v = logits.dims()[2];
         logits.reshape([b, v])
+    }
+
+    /// The positions of uncached `tokens`, from 0, with their rotary angles.
+    fn full_positions(&self, tokens: &Tensor<2, Int>, mask: Option<Tensor<2, Bool>>) -> Positions {
+        let [_, s] = tokens.dims();
+        let (cos, sin) = Rope::new(self.config.head_dim(), self.config.rope_theta).tables(
+            0,
+            s,
+            &tokens.device(),
+        );
+        Positions {
+            cos: cos.unsqueeze(),
+            sin: sin.unsqueeze(),
+            start: 0,
+            key_mask: mask,
+            reserve: 0,
+        }
+    }
+
+    /// The token embeddings, scaled by the embedding multiplier.
+    ///
+    /// tokens: `[batch, seq]` -> `[batch, seq, d_model]`
+    fn embedded(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        let x = self.embed.forward(tokens);
+        match self.config.embed_multiplier {
+            Some(m) => x.mul_scalar(m),
+            None => x,
+        }
     }
 
     /// Where `tokens` go after the cached columns: their rotary angles, read from the cache's
@@ -298,10 +329,7 @@ impl MoeLm {
         if let Some(c) = cache.as_deref_mut() {
             c.layers.resize(self.blocks.len(), None);
         }
-        let mut x = self.embed.forward(tokens); // [b, s, d]
-        if let Some(m) = self.config.embed_multiplier {
-            x = x.mul_scalar(m);
-        }
+        let mut x = self.embedded(tokens); // [b, s, d]
         let mut aux: Option<AuxLosses> = None;
         let mut routing = Vec::new();
         for (i, block) in self.blocks.iter().enumerate() {

@@ -204,7 +204,7 @@ fn merging_identical_branches_equals_upcycling(#[values("flex", "ndarray", "wgpu
     let ids = [1, 5, 9, 13, 17, 21];
     let routing = MoeLayerConfig::new(32, 48, 3).with_router(RouterConfig::mixtral());
     let upcycled = upcycle::upcycle(branch(), routing.clone(), 0.0, 1).unwrap();
-    let merged = merge::merge(vec![branch(), branch(), branch()], routing, 1).unwrap();
+    let merged = merge::merge(vec![branch(), branch(), branch()], None, routing, 1).unwrap();
     assert_eq!(merged.config, upcycled.config);
     assert_close(
         merged.forward(tokens(&ids, &device), None).logits,
@@ -231,17 +231,22 @@ fn merging_stacks_ffns_and_averages_the_rest() {
         moe_model::block::Ffn::Moe(_) => panic!("dense expected"),
     };
     let (up_a, up_b) = (ffn_up(&a), ffn_up(&b));
-    let merged = merge::merge(vec![a, b], MoeLayerConfig::new(32, 48, 2), 3).unwrap();
+    let generalist = dense_config.init_seeded(&device, 3).unwrap();
+    let up_g = ffn_up(&generalist);
+    let routing = MoeLayerConfig::new(32, 48, 2);
+    let merged = merge::merge(vec![a, b], Some(&generalist), routing, 3).unwrap();
+    // The generalist adds an expert but takes no part in the mean.
     for (x, y) in values(merged.embed.weight.val()).iter().zip(&mean_embed) {
         assert!((x - y).abs() < 1e-6);
     }
     let moe_model::block::Ffn::Moe(layer) = &merged.blocks[1].ffn else {
         panic!("MoE expected");
     };
-    let bank = layer.experts.w_up.val(); // [2, d, f]
+    let bank = layer.experts.w_up.val(); // [3, d, f]
     assert_eq!(values(bank.clone().slice(0..1)), up_a);
-    assert_eq!(values(bank.slice(1..2)), up_b);
-    assert_eq!(merged.config.moe.n_experts, 2);
+    assert_eq!(values(bank.clone().slice(1..2)), up_b);
+    assert_eq!(values(bank.slice(2..3)), up_g);
+    assert_eq!(merged.config.moe.n_experts, 3);
     assert_eq!(merged.config.moe.d_ff, 48);
 }
 
@@ -253,6 +258,7 @@ fn mismatched_or_sparse_branches_are_refused() {
     let wider = dense.clone().with_d_ff(64).init(&device).unwrap();
     let err = merge::merge(
         vec![dense.init(&device).unwrap(), wider],
+        None,
         routing.clone(),
         0,
     )
@@ -262,13 +268,14 @@ fn mismatched_or_sparse_branches_are_refused() {
     let sparse = small_config().init(&device).unwrap();
     let err = merge::merge(
         vec![dense.init(&device).unwrap(), sparse],
+        None,
         routing.clone(),
         0,
     )
     .unwrap_err()
     .to_string();
     assert!(err.contains("not dense"), "{err}");
-    let err = merge::merge(vec![dense.init(&device).unwrap()], routing, 0)
+    let err = merge::merge(vec![dense.init(&device).unwrap()], None, routing, 0)
         .unwrap_err()
         .to_string();
     assert!(err.contains("at least 2 branches"), "{err}");

@@ -172,8 +172,11 @@ pub fn train_branches(job: BranchJob) -> Result<Vec<BranchOutcome>> {
 /// Merges branch checkpoints into an MoE model (expert `i` from `branches[i]`) on `device`.
 /// Architectures and tokenizers must match; errors name the offending checkpoint.
 /// Returns the model, the shared tokenizer description and the merge description.
+/// With a `generalist` checkpoint (the branches' dense seed, say), its FFN becomes one more
+/// expert, last, which takes no part in the mean of the other weights.
 pub fn merge_checkpoints(
     branches: &[PathBuf],
+    generalist: Option<&Path>,
     moe: MoeLayerConfig,
     seed: u64,
     device: &Device,
@@ -206,10 +209,26 @@ pub fn merge_checkpoints(
         experts.push(ExpertSource {
             checkpoint: path.clone(),
             domains,
+            generalist: false,
         });
         models.push(ckpt.model);
     }
-    let model = merge(models, moe, seed)?;
+    let generalist = match generalist {
+        Some(path) => {
+            let ckpt = checkpoint::load(path, device)?;
+            if let Some(problem) = architecture_mismatch(&configs[0], &ckpt.model.config) {
+                return Err(DataError::run(path, problem));
+            }
+            experts.push(ExpertSource {
+                checkpoint: path.to_path_buf(),
+                domains: Vec::new(),
+                generalist: true,
+            });
+            Some(ckpt.model)
+        }
+        None => None,
+    };
+    let model = merge(models, generalist.as_ref(), moe, seed)?;
     Ok((model, tokenizer, MergeInfo { experts, seed }))
 }
 

@@ -7,7 +7,7 @@ use burn::prelude::*;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::corpus::{BUILTIN_DOMAINS, builtin_text};
+use crate::corpus::{BUILTIN_DOMAINS, TRAIN, VALID, World};
 use crate::error::{DataError, Result};
 use crate::tokenizer::Tokenizer;
 
@@ -20,6 +20,17 @@ pub struct Domain {
     pub train: Vec<u32>,
     /// Validation tokens.
     pub valid: Vec<u32>,
+    /// Where each validation document starts in `valid` (ascending, the first at 0).
+    pub valid_docs: Vec<usize>,
+}
+
+impl Domain {
+    /// The validation document that token `pos` of `valid` belongs to.
+    pub fn valid_doc(&self, pos: usize) -> usize {
+        self.valid_docs
+            .partition_point(|&s| s <= pos)
+            .saturating_sub(1)
+    }
 }
 
 /// A multi-domain corpus.
@@ -29,26 +40,35 @@ pub struct Corpus {
     pub domains: Vec<Domain>,
 }
 
-fn join(docs: &[String], tokenizer: &dyn Tokenizer) -> Vec<u32> {
+/// The token stream of documents, each followed by end-of-document, and where each starts.
+fn join(docs: &[String], tokenizer: &dyn Tokenizer) -> (Vec<u32>, Vec<usize>) {
     let mut out = Vec::new();
+    let mut starts = Vec::with_capacity(docs.len());
     for d in docs {
+        starts.push(out.len());
         out.extend(tokenizer.encode(d));
         out.push(tokenizer.eos());
     }
-    out
+    (out, starts)
 }
 
 impl Corpus {
-    /// The built-in corpus: about `train_bytes` of training text per domain and a tenth of that
-    /// for validation.
+    /// The built-in corpus of corpus seed `seed`: about `train_bytes` of training text per
+    /// domain and a tenth of that for validation (see [`crate::corpus`]).
     pub fn builtin(seed: u64, train_bytes: usize, tokenizer: &dyn Tokenizer) -> Self {
+        let world = World::new(seed);
         let domains = BUILTIN_DOMAINS
             .iter()
             .enumerate()
-            .map(|(i, name)| Domain {
-                name: name.to_string(),
-                train: join(&builtin_text(i, 0, seed, train_bytes), tokenizer),
-                valid: join(&builtin_text(i, 1, seed, train_bytes / 10), tokenizer),
+            .map(|(i, name)| {
+                let (valid, valid_docs) =
+                    join(&world.text(i, VALID, seed, train_bytes / 10), tokenizer);
+                Domain {
+                    name: name.to_string(),
+                    train: join(&world.text(i, TRAIN, seed, train_bytes), tokenizer).0,
+                    valid,
+                    valid_docs,
+                }
             })
             .collect();
         Self { domains }
@@ -97,10 +117,12 @@ impl Corpus {
                 read_text(&entry)?
             };
             let cut = split_point(&text, valid_fraction);
+            let (valid, valid_docs) = join(&[text[cut..].to_string()], tokenizer);
             domains.push(Domain {
                 name,
-                train: join(&[text[..cut].to_string()], tokenizer),
-                valid: join(&[text[cut..].to_string()], tokenizer),
+                train: join(&[text[..cut].to_string()], tokenizer).0,
+                valid,
+                valid_docs,
             });
         }
         Ok(Self { domains })

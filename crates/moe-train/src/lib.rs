@@ -27,17 +27,21 @@
 #![warn(missing_docs)]
 
 pub mod branch;
+pub mod btm;
 pub mod chat;
+pub mod compare;
 pub mod config;
 pub mod corpus;
 pub mod data;
 pub mod error;
 pub mod eval;
 pub mod hf_tokenizer;
+pub mod interval;
 pub mod merge_info;
 pub mod objective;
 pub mod parallel;
 pub mod report;
+pub mod router_init;
 pub mod routing;
 pub mod run;
 pub mod tokenizer;

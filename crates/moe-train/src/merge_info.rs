@@ -25,6 +25,9 @@ pub struct ExpertSource {
     pub checkpoint: PathBuf,
     /// The domains the branch trained on (from its trainer state; empty if it has none).
     pub domains: Vec<String>,
+    /// Whether the expert is the generalist (the seed model's FFN) rather than a branch's.
+    #[serde(default)]
+    pub generalist: bool,
 }
 
 /// The merge description file of a merged checkpoint.

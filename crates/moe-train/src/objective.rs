@@ -17,6 +17,23 @@ pub fn lm_loss(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<1> {
         .forward(logits.reshape([b * s, v]), targets.reshape([b * s]))
 }
 
+/// Next-token cross-entropy of every position. logits: `[b, s, V]`, targets: `[b, s]`.
+/// Returns `[b, s]`.
+pub fn token_losses(logits: Tensor<3>, targets: Tensor<2, Int>) -> Tensor<2> {
+    let [b, s, _] = logits.dims();
+    let log_probs = burn::tensor::activation::log_softmax(logits, 2);
+    let picked = log_probs.gather(2, targets.reshape([b, s, 1])); // [b, s, 1]
+    picked.reshape([b, s]).neg()
+}
+
+/// Mean next-token cross-entropy of each row over positions `from..`. logits: `[b, s, V]`,
+/// targets: `[b, s]`. Returns `[b]`.
+pub fn row_losses(logits: Tensor<3>, targets: Tensor<2, Int>, from: usize) -> Tensor<1> {
+    let [b, s, _] = logits.dims();
+    let losses = token_losses(logits, targets).slice([0..b, from..s]);
+    losses.mean_dim(1).reshape([b])
+}
+
 /// One training step's loss: language model + weighted auxiliary losses (mean over MoE layers).
 /// Returns (total, language-model part, routing statistics per MoE layer).
 pub fn step_loss(

@@ -21,6 +21,11 @@ pub struct TrainerState {
     pub domains: Vec<String>,
     /// Where the data came from: "builtin" or the `--data` directory.
     pub data: String,
+    /// The run's training configuration (its corpus settings, window length and evaluation
+    /// windows), so that an evaluation of the checkpoint rebuilds the same validation text.
+    /// Absent in checkpoints written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train: Option<TrainConfig>,
 }
 
 /// The trainer state file in a checkpoint.

@@ -18,6 +18,7 @@ use moe_train::branch::{
     Branch, BranchJob, BranchOutcome, merge_checkpoints, save_merged, train_branches,
 };
 use moe_train::merge_info::MergeInfo;
+use moe_train::router_init::routers_from_domain_means;
 use moe_train::{
     ByteTokenizer, Corpus, RunDir, Start, Tokenizer, TrainConfig, TrainPart, evaluate, train,
 };
@@ -192,22 +193,21 @@ fn bad_branch_jobs_are_refused_before_anything_is_written() {
     assert!(!out.exists(), "nothing written for a refused job");
 }
 
+/// Trains a code and an English branch under `dir/b`; their latest checkpoints.
+fn code_and_english_branches(corpus: &Corpus, dir: &Path, device: &Device) -> Vec<PathBuf> {
+    let job = branch_job(corpus, &dir.join("b"), &["code", "english"], device, true);
+    let outcomes = train_branches(job).unwrap();
+    outcomes.iter().map(latest).collect()
+}
+
 #[test]
 fn merged_branches_fine_tune_only_their_routers_and_report_own_expert_shares() {
     let device = Device::flex();
     let tmp = tempfile::tempdir().unwrap();
     let corpus = Corpus::builtin(42, 20_000, &ByteTokenizer);
-    let outcomes = train_branches(branch_job(
-        &corpus,
-        &tmp.path().join("b"),
-        &["code", "english"],
-        &device,
-        true,
-    ))
-    .unwrap();
-    let paths: Vec<PathBuf> = outcomes.iter().map(latest).collect();
+    let paths = code_and_english_branches(&corpus, tmp.path(), &device);
     let routing = MoeLayerConfig::new(32, 32, 2).with_router(RouterConfig::mixtral().with_top_k(1));
-    let (model, tokenizer, info) = merge_checkpoints(&paths, routing, 5, &device).unwrap();
+    let (model, tokenizer, info) = merge_checkpoints(&paths, None, routing, 5, &device).unwrap();
     assert_eq!(info.experts[0].domains, ["code"]);
     assert_eq!(info.experts[1].domains, ["english"]);
     let merged = tmp.path().join("merged");
@@ -254,6 +254,48 @@ fn merged_branches_fine_tune_only_their_routers_and_report_own_expert_shares() {
     }
 }
 
+/// Gates initialised from the domains' mean hidden states lean each domain toward its own
+/// expert from the start; a generalist expert gets the direction of the mean over domains.
+#[test]
+fn routers_from_domain_means_send_each_domain_to_its_own_expert() {
+    let device = Device::flex();
+    let tmp = tempfile::tempdir().unwrap();
+    let corpus = Corpus::builtin(42, 20_000, &ByteTokenizer);
+    let paths = code_and_english_branches(&corpus, tmp.path(), &device);
+    let routing = MoeLayerConfig::new(32, 32, 3).with_router(RouterConfig::mixtral().with_top_k(1));
+    let (model, _, info) = merge_checkpoints(&paths, Some(&paths[0]), routing, 5, &device).unwrap();
+    assert!(info.experts[2].generalist);
+    let pair = corpus.select(&["code".into(), "english".into()]).unwrap();
+    let model = routers_from_domain_means(model, &pair, &info, 8, 32).unwrap();
+    for block in &model.blocks {
+        let Ffn::Moe(moe) = &block.ffn else {
+            panic!("merged blocks are MoE");
+        };
+        let w = moe.router.gate.weight.val(); // [d, 3]
+        let d = w.dims()[0];
+        let norms = values(w.clone().square().sum_dim(0).sqrt());
+        assert!(norms.iter().all(|n| (n - 1.0).abs() < 1e-4), "{norms:?}");
+        // The generalist's gate is the direction of the two domains' mean gates (of equal
+        // length, so their sum).
+        let sum = w.clone().slice([0..d, 0..1]) + w.clone().slice([0..d, 1..2]);
+        let cos = (sum.clone() * w.slice([0..d, 2..3]))
+            .sum()
+            .into_scalar::<f32>()
+            / sum.square().sum().sqrt().into_scalar::<f32>();
+        assert!((cos - 1.0).abs() < 1e-4, "{cos}");
+    }
+    // Each domain's expert takes more of its own domain's tokens than of the other's.
+    let report = evaluate(&model, &pair, 8, 32, 8);
+    for t in &report.tables {
+        let s = &t.shares;
+        assert!(
+            s[0][0] > s[1][0] && s[1][1] > s[0][1],
+            "layer {}: {s:?}",
+            t.layer
+        );
+    }
+}
+
 #[test]
 fn merging_checks_architectures_and_tokenizers_by_path() {
     let device = Device::flex();
@@ -272,12 +314,18 @@ fn merging_checks_architectures_and_tokenizers_by_path() {
     let wide = save("wide", dense().with_d_ff(64), spec.clone());
     let other = save("other", dense(), serde_json::json!({"kind": "bpe"}));
     let routing = MoeLayerConfig::new(32, 32, 2);
-    let err = merge_checkpoints(&[a.clone(), wide.clone()], routing.clone(), 0, &device)
-        .unwrap_err()
-        .to_string();
+    let err = merge_checkpoints(
+        &[a.clone(), wide.clone()],
+        None,
+        routing.clone(),
+        0,
+        &device,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.starts_with(&wide.display().to_string()), "{err}");
     assert!(err.contains("d_ff"), "{err}");
-    let err = merge_checkpoints(&[a, other.clone()], routing, 0, &device)
+    let err = merge_checkpoints(&[a, other.clone()], None, routing, 0, &device)
         .unwrap_err()
         .to_string();
     assert!(err.contains("different tokenizer"), "{err}");

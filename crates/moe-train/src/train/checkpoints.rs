@@ -39,6 +39,7 @@ pub(super) fn save_checkpoint(
         step,
         domains: job.corpus.names(),
         data: job.data_source.clone(),
+        train: Some(job.config.clone()),
     };
     writer.write_json(STATE_FILE, &state)?;
     let path = writer.dir().join(OPTIMIZER_FILE);

@@ -7,6 +7,7 @@
 //! optimizer step), with `evaluate_window` and `save_checkpoint` on their schedules.
 
 mod checkpoints;
+mod clip;
 mod job;
 mod optimizer;
 mod progress;
@@ -27,6 +28,7 @@ use moe_model::model::seed_device;
 use serde_json::json;
 
 pub use checkpoints::resolve_checkpoint;
+pub use clip::{clip_global_norm, global_norm};
 pub use job::{Start, TrainJob, TrainOutcome};
 pub use optimizer::lr_schedule;
 pub use progress::{Progress, format_eval_line};
@@ -180,6 +182,7 @@ fn step_loop(job: &TrainJob, engine: &StepEngine, prepared: Prepared) -> Result<
                 value: loss,
             });
         }
+        let (grads, _) = clip_global_norm(&model, grads, config.grad_clip);
         let lr = schedule.step();
         let lr_value = lr.base();
         model = optim.step(lr, model, grads);
