@@ -12,7 +12,8 @@ use moe_model::{ModelConfig, checkpoint, hf};
 /// Arguments of `moe inspect`.
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// A checkpoint directory, a Hugging Face Mixtral directory, or either's `config.json`.
+    /// A checkpoint directory, a run directory (its latest checkpoint), a Hugging Face
+    /// directory, or either's `config.json`.
     path: PathBuf,
     /// Print one JSON object instead of tables.
     #[arg(long)]
@@ -178,8 +179,16 @@ fn print_stored(stored: &[StoredBytes]) {
 
 /// Runs `moe inspect`.
 pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
-    let config = load_config(&args.path)?;
-    let stored = stored(&args.path)?;
+    // A run directory (no config.json, a `latest` pointer) stands for its latest checkpoint.
+    let path = if args.path.join("latest").is_file()
+        && !args.path.join(checkpoint::CONFIG_FILE).exists()
+    {
+        crate::resolve_checkpoint(&args.path)?
+    } else {
+        args.path.clone()
+    };
+    let config = load_config(&path)?;
+    let stored = stored(&path)?;
     let acc = config.accounting();
     if args.json {
         let memory: serde_json::Map<String, serde_json::Value> = WeightDType::ALL

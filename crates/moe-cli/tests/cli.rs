@@ -115,6 +115,11 @@ fn train_then_eval_generate_logits_inspect() {
     assert!(o.status.success(), "{}", stderr(&o));
     let i: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert!(i["total_params"].as_u64().unwrap() > i["active_params"].as_u64().unwrap());
+    // A run directory stands for its latest checkpoint.
+    let o = moe(&["inspect", &run_s, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(r["total_params"], i["total_params"]);
 
     // Refuses to train over the run without --overwrite, and leaves it as it was.
     let before = std::fs::read(run.join("metrics.jsonl")).unwrap();
@@ -511,6 +516,9 @@ fn frozen_branches_generalist_domain_mean_routers_and_btm() {
 fn seeds_and_compare() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tiny_model(tmp.path());
+    // A smaller corpus of another corpus seed, which evaluations must rebuild.
+    let config = tmp.path().join("train.json");
+    std::fs::write(&config, r#"{"corpus_bytes": 60000, "corpus_seed": 3}"#).unwrap();
     let small = [
         "--seq-len",
         "32",
@@ -523,6 +531,7 @@ fn seeds_and_compare() {
     let (moe_dir, dense_dir) = (tmp.path().join("moe"), tmp.path().join("dense"));
     for (out, dense) in [(&moe_dir, false), (&dense_dir, true)] {
         let mut args = vec!["train", "--seeds", "2", "--model-config", &model];
+        args.extend(["--config", config.to_str().unwrap()]);
         args.extend(["--out", out.to_str().unwrap()]);
         args.extend(small);
         if dense {
@@ -548,6 +557,21 @@ fn seeds_and_compare() {
             .unwrap()
             > 0.0
     );
+
+    // `moe eval` rebuilds the run's corpus: all windows of 6 kB of validation text per domain
+    // (the default corpus has 300 kB, about 9,000 windows of 32 tokens).
+    let seed_run = moe_dir.join("seed-42");
+    let o = moe(&[
+        "eval",
+        seed_run.to_str().unwrap(),
+        "--windows",
+        "all",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let windows = r["losses"][0]["windows"].as_u64().unwrap();
+    assert!((150..400).contains(&windows), "{windows}");
 }
 
 /// `moe export --hf` writes a Mixtral directory that `moe import-hf` reads back to the same

@@ -494,8 +494,11 @@ mod tests {
             return;
         };
         let (d, e) = (16, 8);
+        // Gates with the spread of a Kaiming initialisation (std about 1/sqrt(3 d)), so that
+        // tokens differ in their scores and a bias can move them; from the default small gates
+        // the skew alone would decide every token.
         let mut layer = MoeLayerConfig::new(d, 8, e)
-            .with_router(RouterConfig::deepseek_v3(2))
+            .with_router(RouterConfig::deepseek_v3(2).with_init_std(0.15))
             .init(&device);
         let gate = layer.router.gate.weight.val();
         let skew = Tensor::<2>::zeros([d, e], &device)

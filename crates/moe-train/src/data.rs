@@ -367,6 +367,25 @@ mod tests {
     }
 
     #[test]
+    fn validation_positions_map_to_their_documents() {
+        let c = Corpus::builtin(1, 20_000, &ByteTokenizer);
+        let d = &c.domains[2];
+        assert_eq!(d.valid_docs[0], 0);
+        assert!(d.valid_docs.len() > 2);
+        for (i, &start) in d.valid_docs.iter().enumerate().skip(1) {
+            assert_eq!(d.valid_doc(start), i);
+            assert_eq!(d.valid_doc(start - 1), i - 1);
+            assert_eq!(
+                d.valid[start - 1],
+                ByteTokenizer.eos(),
+                "a document ends before"
+            );
+        }
+        let last = d.valid.len() - 1;
+        assert_eq!(d.valid_doc(last), d.valid_docs.len() - 1);
+    }
+
+    #[test]
     fn short_domains_are_refused_for_long_windows() {
         let c = Corpus::builtin(1, 2_000, &ByteTokenizer);
         assert!(c.check_window(64).is_ok());
