@@ -348,12 +348,12 @@ pub fn btm(a: BtmArgs) -> anyhow::Result<()> {
         w.per_domain.min(report.losses[0].windows),
         a.prefix
     );
+    for (i, path) in a.against.iter().enumerate() {
+        println!("[{}] {}", i + 1, path.display());
+    }
     print!("{:<12} {:>18} {:>10}", "domain", "BTM", "own branch");
-    for (dir, _) in &against {
-        print!(
-            " {:>18}",
-            dir.file_name().unwrap_or_default().to_string_lossy()
-        );
+    for i in 0..against.len() {
+        print!(" {:>18}", format!("[{}]", i + 1));
     }
     println!();
     for (d, l) in report.losses.iter().enumerate() {

@@ -68,6 +68,8 @@ pub struct Comparison {
     pub domains: Vec<String>,
     /// The groups, the first being the reference.
     pub groups: Vec<GroupSummary>,
+    /// Every run's losses, as evaluated.
+    pub runs: Vec<GroupLosses>,
 }
 
 impl Comparison {
@@ -100,6 +102,7 @@ impl Comparison {
         Self {
             domains,
             groups: summaries,
+            runs: groups.to_vec(),
         }
     }
 }
