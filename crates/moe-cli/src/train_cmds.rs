@@ -183,10 +183,14 @@ pub fn train(a: TrainArgs) -> anyhow::Result<()> {
     }
     let out = out_dir(&a);
     let seeds: Vec<u64> = if a.resume {
-        group_runs(&out)?
+        let found: Vec<u64> = group_runs(&out)?
             .into_iter()
             .filter_map(|(_, s)| s)
-            .collect()
+            .collect();
+        if found.is_empty() {
+            bail!("{}: has no seed-N runs to resume", out.display());
+        }
+        found
     } else {
         let first = a.flags.resolve(a.config.as_deref(), None)?.seed;
         (first..first + a.seeds).collect()

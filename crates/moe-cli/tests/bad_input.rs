@@ -486,6 +486,11 @@ const CASES: &[(&str, &str, &str)] = &[
         "train --seeds 0 --out s",
         "--seeds",
     ),
+    (
+        "resuming seeds of a run that has none",
+        "train --seeds 2 --resume --out run",
+        "run: has no seed-N runs to resume",
+    ),
     ("compare a missing run", "compare run nope", "nope"),
     (
         "compare on a binary corpus",
