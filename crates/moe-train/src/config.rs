@@ -18,7 +18,7 @@ pub enum TrainPart {
 }
 
 /// Hyper-parameters of a training run. Defaults train the default small MoE on the built-in
-/// corpus in about 7 minutes on 2 CPU cores (release build).
+/// corpus in about 5 minutes on 2 CPU cores (release build).
 #[derive(Config, Debug, PartialEq)]
 pub struct TrainConfig {
     /// Optimizer steps. Default: 1000 (the default MoE leads the dense model on every domain of
