@@ -15,13 +15,18 @@
 #   frozen-gen  frozen branches, the seed model's FFN as a generalist expert, routers from the
 #               domains' mean hidden states
 # Branch-Train-Merge (moe btm) scores the frozen branches against the merged models and dense.
+#
+# The step split can be changed (the total should stay the dense budget, 1200):
+#   BASE_STEPS (300), BRANCH_STEPS (200, each of 4), BRANCH_LR (0.001), FT_STEPS (100).
 set -euo pipefail
 moe=$1 root=$2 seed=$3 variants=${4:-full frozen frozen-gen}
+base_steps=${BASE_STEPS:-300} branch_steps=${BRANCH_STEPS:-200}
+branch_lr=${BRANCH_LR:-0.001} ft_steps=${FT_STEPS:-100}
 domains=(code arithmetic english spanish)
 s=seed-$seed
 run() { echo "+ $*" >&2; "$moe" "$@"; }
 
-run train --dense --steps 300 --seed "$seed" --out "$root/base/$s" --quiet
+run train --dense --steps "$base_steps" --seed "$seed" --out "$root/base/$s" --quiet
 base="$root/base/$s"
 for v in $variants; do
   case $v in
@@ -29,14 +34,14 @@ for v in $variants; do
     frozen|frozen-gen) branches=frozen-branches freeze=(--freeze-body) ;;
   esac
   if [ ! -e "$root/$branches/$s/spanish/latest" ]; then
-    run branch --base "$base" --out "$root/$branches/$s" --steps 200 --lr 0.001 \
+    run branch --base "$base" --out "$root/$branches/$s" --steps "$branch_steps" --lr "$branch_lr" \
       --seed "$seed" "${freeze[@]}" --quiet
   fi
   paths=("${domains[@]/#/$root/$branches/$s/}")
   extra=()
   if [ "$v" = frozen-gen ]; then extra=(--generalist "$base" --router-init domain-means); fi
   run merge "${paths[@]}" --out "$root/$v/$s" --seed "$seed" "${extra[@]}"
-  run train --from "$root/$v/$s" --steps 100 --seed "$seed" --out "$root/$v-ft/$s" --quiet
+  run train --from "$root/$v/$s" --steps "$ft_steps" --seed "$seed" --out "$root/$v-ft/$s" --quiet
 done
 if [ ! -e "$root/dense/$s/latest" ]; then
   run train --dense --steps 1200 --seed "$seed" --out "$root/dense/$s" --quiet
