@@ -8,7 +8,7 @@ use moe_model::MoeLm;
 use serde::Serialize;
 
 use crate::data::{Corpus, batch_from_windows, valid_windows};
-use crate::eval::{DomainEval, Windows, domain_eval_of};
+use crate::eval::{DomainEval, Windows, domain_eval};
 use crate::objective::token_losses;
 
 /// One branch: its model and the domains it trained on.
@@ -69,7 +69,7 @@ pub fn btm_evaluate(branches: &[BtmBranch], corpus: &Corpus, w: Windows) -> BtmR
             }
         }
         own_branch.push(own.map(|_| own_picks as f64 / window_losses.len().max(1) as f64));
-        losses.push(domain_eval_of(
+        losses.push(domain_eval(
             &domain.name,
             &window_losses,
             w.seq_len - prefix,

@@ -284,7 +284,22 @@ pub fn valid_windows(
     per_domain: usize,
     seq_len: usize,
 ) -> Vec<(usize, usize)> {
-    let len = corpus.domains[domain].valid.len();
+    spread_windows(
+        domain,
+        corpus.domains[domain].valid.len(),
+        per_domain,
+        seq_len,
+    )
+}
+
+/// Up to `per_domain` non-overlapping windows `(domain, start)` of `seq_len` tokens (plus the
+/// target) over a stream of `len` tokens, evenly spread.
+pub fn spread_windows(
+    domain: usize,
+    len: usize,
+    per_domain: usize,
+    seq_len: usize,
+) -> Vec<(usize, usize)> {
     let available = (len - 1) / seq_len;
     let n = available.min(per_domain).max(1);
     let stride = (len - seq_len - 1) / n.max(1);

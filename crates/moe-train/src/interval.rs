@@ -40,11 +40,10 @@ impl Interval {
     pub fn of(values: &[f64]) -> Self {
         let n = values.len();
         let mean = values.iter().sum::<f64>() / n as f64;
-        let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n as f64 - 1.0);
         let half_width = if n < 2 {
             f64::INFINITY
         } else {
-            t95(n - 1) * (var / n as f64).sqrt()
+            t95(n - 1) * (variance(values) / n as f64).sqrt()
         };
         Self {
             mean,

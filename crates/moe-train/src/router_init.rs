@@ -9,17 +9,9 @@ use burn::prelude::*;
 use moe_model::MoeLm;
 use moe_model::block::Ffn;
 
-use crate::data::{Corpus, batch_from_windows};
+use crate::data::{Corpus, batch_from_windows, spread_windows};
 use crate::error::{DataError, Result};
 use crate::merge_info::MergeInfo;
-
-/// Up to `windows` training windows of `seq_len` tokens of domain `d`, evenly spread.
-fn train_sample(corpus: &Corpus, d: usize, windows: usize, seq_len: usize) -> Vec<(usize, usize)> {
-    let len = corpus.domains[d].train.len();
-    let n = windows.min((len - 1) / seq_len).max(1);
-    let stride = (len - seq_len - 1) / n;
-    (0..n).map(|i| (d, i * stride)).collect()
-}
 
 /// The mean FFN input of every block over a sample of domain `d`'s training text: `[L][d_model]`
 /// as one `[L, d_model]` tensor.
@@ -31,7 +23,7 @@ fn domain_means(
     seq_len: usize,
 ) -> Tensor<2> {
     let device = model.embed.weight.val().device();
-    let sample = train_sample(corpus, d, windows, seq_len);
+    let sample = spread_windows(d, corpus.domains[d].train.len(), windows, seq_len);
     let mut sum: Option<Tensor<2>> = None;
     for chunk in sample.chunks(16) {
         let b = batch_from_windows(corpus, chunk, seq_len, false, &device);

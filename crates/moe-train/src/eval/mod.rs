@@ -98,14 +98,6 @@ pub struct EvalReport {
     pub documents: Vec<DocumentRouting>,
 }
 
-/// What one domain's validation pass gives.
-struct DomainPass {
-    /// Each window's mean loss.
-    window_losses: Vec<f64>,
-    /// Tokens evaluated.
-    tokens: usize,
-}
-
 /// Which validation windows an evaluation reads and how.
 #[derive(Debug, Clone, Copy)]
 pub struct Windows {
@@ -119,15 +111,27 @@ pub struct Windows {
     pub from: usize,
 }
 
+impl Windows {
+    /// Up to `per_domain` windows of `seq_len` tokens, every position scored.
+    pub fn scoring_all(per_domain: usize, seq_len: usize, batch: usize) -> Self {
+        Self {
+            per_domain,
+            seq_len,
+            batch,
+            from: 0,
+        }
+    }
+}
+
 /// Runs domain `d`'s validation windows, adding its routing to `tallies` (one per MoE layer,
-/// created on first use) when given.
+/// created on first use) when given. Returns each window's mean loss.
 fn domain_pass(
     model: &MoeLm,
     corpus: &Corpus,
     d: usize,
     w: Windows,
     mut tallies: Option<&mut Vec<LayerTally>>,
-) -> DomainPass {
+) -> Vec<f64> {
     let Windows {
         per_domain: windows,
         seq_len,
@@ -164,29 +168,14 @@ fn domain_pass(
             }
         }
     }
-    DomainPass {
-        tokens: window_losses.len() * (seq_len - from),
-        window_losses,
-    }
+    window_losses
 }
 
-/// A domain's loss figures from window losses, each over `seq_tokens` tokens.
-pub(crate) fn domain_eval_of(name: &str, window_losses: &[f64], seq_tokens: usize) -> DomainEval {
-    domain_eval(
-        name,
-        &DomainPass {
-            window_losses: window_losses.to_vec(),
-            tokens: window_losses.len() * seq_tokens,
-        },
-    )
-}
-
-/// A domain's loss figures from its window losses.
-fn domain_eval(name: &str, pass: &DomainPass) -> DomainEval {
-    let n = pass.window_losses.len().max(1) as f64;
-    let loss = pass.window_losses.iter().sum::<f64>() / n;
-    let var = pass
-        .window_losses
+/// A domain's loss figures from its window losses, each over `scored` tokens.
+pub(crate) fn domain_eval(name: &str, window_losses: &[f64], scored: usize) -> DomainEval {
+    let n = window_losses.len().max(1) as f64;
+    let loss = window_losses.iter().sum::<f64>() / n;
+    let var = window_losses
         .iter()
         .map(|l| (l - loss).powi(2))
         .sum::<f64>()
@@ -196,8 +185,8 @@ fn domain_eval(name: &str, pass: &DomainPass) -> DomainEval {
         loss,
         stderr: (var / n).sqrt(),
         perplexity: loss.exp(),
-        windows: pass.window_losses.len(),
-        tokens: pass.tokens,
+        windows: window_losses.len(),
+        tokens: window_losses.len() * scored,
     }
 }
 
@@ -209,13 +198,7 @@ pub fn domain_losses(
     seq_len: usize,
     batch: usize,
 ) -> Vec<f64> {
-    let w = Windows {
-        per_domain: windows,
-        seq_len,
-        batch,
-        from: 0,
-    };
-    domain_evals(model, corpus, w)
+    domain_evals(model, corpus, Windows::scoring_all(windows, seq_len, batch))
         .into_iter()
         .map(|e| e.loss)
         .collect()
@@ -227,7 +210,10 @@ pub fn domain_evals(model: &MoeLm, corpus: &Corpus, w: Windows) -> Vec<DomainEva
         .domains
         .iter()
         .enumerate()
-        .map(|(d, domain)| domain_eval(&domain.name, &domain_pass(model, corpus, d, w, None)))
+        .map(|(d, domain)| {
+            let losses = domain_pass(model, corpus, d, w, None);
+            domain_eval(&domain.name, &losses, w.seq_len - w.from)
+        })
         .collect()
 }
 
@@ -297,16 +283,9 @@ pub fn evaluate(
         .iter()
         .enumerate()
         .map(|(d, domain)| {
-            let w = Windows {
-                per_domain: windows,
-                seq_len,
-                batch,
-                from: 0,
-            };
-            domain_eval(
-                &domain.name,
-                &domain_pass(model, corpus, d, w, Some(&mut tallies)),
-            )
+            let w = Windows::scoring_all(windows, seq_len, batch);
+            let losses = domain_pass(model, corpus, d, w, Some(&mut tallies));
+            domain_eval(&domain.name, &losses, seq_len)
         })
         .collect();
     let k = model.config.moe.router.top_k as f64;
