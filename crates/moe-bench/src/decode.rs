@@ -39,8 +39,11 @@ pub fn decode_model() -> ModelConfig {
 
 /// Measures `model` at each batch size in `batches` and context length in `contexts` (each at
 /// most the model's context minus `new_tokens`), decoding `new_tokens` greedily after prompts of
-/// pseudo-random ids. Prefill and decode tokens/s count every sequence of the batch. One short
-/// untimed run warms the backend up first.
+/// pseudo-random ids. Prefill and decode tokens/s count every sequence of the batch.
+///
+/// An untimed run warms the backend up first, with a prompt of [`WARM_UP_TOKENS`]: a checkpoint's
+/// weights are read from its file on first use, and so many tokens reach every expert of a
+/// routed layer (unless its routing has collapsed), so no timed run pays for those reads.
 pub fn decode_speed(
     model: &MoeLm,
     batches: &[usize],
@@ -57,8 +60,10 @@ pub fn decode_speed(
     if batches.contains(&0) {
         return Err("a batch must hold at least 1 sequence".into());
     }
-    if let (Some(&b), Some(&c)) = (batches.first(), contexts.first()) {
-        run_once(model, b, c.min(4), new_tokens.min(1));
+    if let Some(&b) = batches.first()
+        && max > 1
+    {
+        run_once(model, b, WARM_UP_TOKENS.min(max - 1), 1);
     }
     Ok(batches
         .iter()
@@ -66,6 +71,9 @@ pub fn decode_speed(
         .map(|(b, c)| run_once(model, b, c, new_tokens))
         .collect())
 }
+
+/// Prompt length of the untimed warm-up run.
+pub const WARM_UP_TOKENS: usize = 256;
 
 /// One prefill of `batch` prompts of `context` ids and `new_tokens` decode steps, timed.
 fn run_once(model: &MoeLm, batch: usize, context: usize, new_tokens: usize) -> DecodeCase {

@@ -2,8 +2,9 @@
 
 use burn::nn::{Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
-use burn::tensor::module::attention;
+use burn::tensor::module::{attention, attention_fallback};
 use burn::tensor::ops::AttentionModuleOptions;
+use moe_core::host::runs_on_host;
 
 use crate::config::{ModelConfig, QkNorm};
 use crate::kv_cache::LayerCache;
@@ -134,8 +135,13 @@ impl Attention {
 
     /// Scaled dot-product attention with each key/value head read by its group of `h / kvh`
     /// query heads, without copying keys or values per query head: the group's queries are
-    /// folded into the rows of one attention over the shared head. Burn's fused attention then
-    /// runs it (flex has its own kernel; the other backends compose it from matmuls).
+    /// folded into the rows of one attention over the shared head.
+    ///
+    /// Burn's fused attention runs it (flex has its own kernel; the other backends compose it
+    /// from matmuls), except for one new token on a host backend: there `k` and `v` are views of
+    /// the first positions of the cache's buffers, which flex's kernel copies to contiguous
+    /// memory first (every key and value, every step), while its matmuls read strided views in
+    /// place. The composition from matmuls computes the same thing.
     ///
     /// q: `[batch, h, seq, hd]`; k, v: `[batch, kvh, total, hd]` -> `[batch, h, seq, hd]`
     fn grouped(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, at: &Positions) -> Tensor<4> {
@@ -149,7 +155,12 @@ impl Attention {
             scale: Some(self.scale),
             ..Default::default()
         };
-        attention(q, k, v, mask, None, options).reshape([b, h, s, hd])
+        let out = if s == 1 && runs_on_host(&q.device()) {
+            attention_fallback(q, k, v, mask, None, options)
+        } else {
+            attention(q, k, v, mask, None, options)
+        };
+        out.reshape([b, h, s, hd])
     }
 }
 

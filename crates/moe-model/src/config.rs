@@ -256,13 +256,18 @@ impl ModelConfig {
             .with_d_ff(width)
     }
 
-    /// Reads and validates a `config.json`.
+    /// Reads and validates a `config.json`. Fields added to the config after the file was
+    /// written take their defaults ([`fill_defaults`]).
     pub fn load_json(path: &Path) -> crate::Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-        let config: Self = serde_json::from_str(&text).map_err(|source| ModelError::Json {
+        let json = |source| ModelError::Json {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let mut found: serde_json::Value = serde_json::from_str(&text).map_err(json)?;
+        let defaults = serde_json::to_value(Self::new()).expect("a config always serialises");
+        fill_defaults(&mut found, &defaults);
+        let config: Self = serde_json::from_value(found).map_err(json)?;
         config
             .validate()
             .map_err(|e| ModelError::checkpoint(path, e.to_string()))?;
@@ -275,9 +280,48 @@ impl ModelConfig {
     }
 }
 
+/// Copies into `found` every key of `defaults` it lacks, recursing into objects both have.
+///
+/// Burn's `Config` derive gives a missing JSON field no default, so a field added to a config
+/// would make every file written before it unreadable. Readers of saved configs fill the file's
+/// gaps from the serialised defaults first: an old checkpoint keeps loading, and the new field
+/// takes its documented default.
+pub fn fill_defaults(found: &mut serde_json::Value, defaults: &serde_json::Value) {
+    let (Some(found), Some(defaults)) = (found.as_object_mut(), defaults.as_object()) else {
+        return;
+    };
+    for (key, default) in defaults {
+        match found.get_mut(key) {
+            Some(value) => fill_defaults(value, default),
+            None => {
+                found.insert(key.clone(), default.clone());
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A checkpoint written before `RouterConfig::init_std` existed still loads, with the
+    /// default; a value the file gives is kept, and a file that is not a config is refused.
+    #[test]
+    fn configs_written_before_a_field_existed_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.json");
+        let config = ModelConfig::new().with_n_layers(3);
+        let mut old = serde_json::to_value(&config).unwrap();
+        let router = old["moe"]["router"].as_object_mut().unwrap();
+        assert!(router.remove("init_std").is_some());
+        router.insert("top_k".into(), 1.into());
+        std::fs::write(&path, old.to_string()).unwrap();
+        let loaded = ModelConfig::load_json(&path).unwrap();
+        assert_eq!(loaded.moe.router.init_std, 0.02);
+        assert_eq!((loaded.n_layers, loaded.moe.router.top_k), (3, 1));
+        std::fs::write(&path, "[1, 2]").unwrap();
+        assert!(ModelConfig::load_json(&path).is_err());
+    }
 
     #[test]
     fn plans_place_moe_layers() {

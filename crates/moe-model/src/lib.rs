@@ -39,7 +39,7 @@ pub mod store;
 pub mod upcycle;
 pub mod weights;
 
-pub use config::{FfnPlan, ModelConfig, QkNorm, SharedExpertConfig};
+pub use config::{FfnPlan, ModelConfig, QkNorm, SharedExpertConfig, fill_defaults};
 pub use error::{ModelError, Result};
 pub use kv_cache::KvCache;
 pub use model::{ModelOutput, MoeLm};

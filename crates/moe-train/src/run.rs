@@ -35,9 +35,19 @@ impl TrainerState {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(STATE_FILE);
         let text = fs::read_to_string(&path).map_err(|e| DataError::io(&path, e))?;
-        serde_json::from_str(&text)
-            .map_err(|e| DataError::run(&path, format!("malformed trainer state: {e}")))
+        let malformed = |e| DataError::run(&path, format!("malformed trainer state: {e}"));
+        let mut found: serde_json::Value = serde_json::from_str(&text).map_err(malformed)?;
+        if let Some(train) = found.get_mut("train") {
+            fill_train_defaults(train);
+        }
+        serde_json::from_value(found).map_err(malformed)
     }
+}
+
+/// Fills the fields added to [`TrainConfig`] since `found` was written with their defaults.
+fn fill_train_defaults(found: &mut serde_json::Value) {
+    let defaults = serde_json::to_value(TrainConfig::new()).expect("a config always serialises");
+    moe_model::fill_defaults(found, &defaults);
 }
 
 /// The training configuration file of a run directory.
@@ -148,8 +158,10 @@ impl RunDir {
     pub fn read_config(&self) -> Result<TrainConfig> {
         let path = self.path.join(TRAIN_CONFIG_FILE);
         let text = fs::read_to_string(&path).map_err(|e| DataError::io(&path, e))?;
-        serde_json::from_str(&text)
-            .map_err(|e| DataError::run(&path, format!("malformed training config: {e}")))
+        let malformed = |e| DataError::run(&path, format!("malformed training config: {e}"));
+        let mut found: serde_json::Value = serde_json::from_str(&text).map_err(malformed)?;
+        fill_train_defaults(&mut found);
+        serde_json::from_value(found).map_err(malformed)
     }
 
     /// The directory a checkpoint of `step` is written to.
@@ -321,6 +333,27 @@ mod tests {
         let rel = run.checkpoint_dir(step);
         let rel = rel.strip_prefix(&run.path).unwrap();
         write_atomic(&run.path.join("latest"), rel.to_string_lossy().as_bytes()).unwrap();
+    }
+
+    /// Training configs and trainer states written before a field existed read back with its
+    /// default; the values they hold are kept.
+    #[test]
+    fn configs_from_older_runs_take_defaults_for_new_fields() {
+        let (_tmp, run) = run_with(&[]);
+        let config = TrainConfig::new().with_steps(7).with_corpus_seed(5);
+        let mut old = serde_json::to_value(&config).unwrap();
+        old.as_object_mut()
+            .unwrap()
+            .remove("report_windows")
+            .unwrap();
+        fs::write(run.path.join(TRAIN_CONFIG_FILE), old.to_string()).unwrap();
+        assert_eq!(run.read_config().unwrap(), config);
+
+        let state =
+            serde_json::json!({"step": 3, "domains": ["a"], "data": "builtin", "train": old});
+        fs::write(run.path.join(STATE_FILE), state.to_string()).unwrap();
+        let read = TrainerState::read(&run.path).unwrap();
+        assert_eq!((read.step, read.train), (3, Some(config)));
     }
 
     #[test]
