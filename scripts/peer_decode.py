@@ -15,6 +15,15 @@ it with `moe import-hf`, then times, for each context length and batch size:
 - moe: `moe bench --decode CKPT --json` on flex with the same contexts, batch sizes and N.
 and prints one table with both and the ratios. The prompt ids are the same pseudo-random ids
 `moe bench --decode` uses. Threads: torch.set_num_threads(--threads); moe uses every core.
+
+It also prints the machine's ceilings, measured by torch in the same run, against which the
+targets can be read:
+- read bandwidth (the sum of a 512 MiB tensor) and the weight bytes a decode step reads: at
+  batch 1 the active experts, at batch B the experts at least one of the B tokens routes to
+  (expected E * (1 - (1 - k/E)^B) per layer with uniform routing). Decode at batch 1 is bound by
+  bandwidth, so batch B can reach at most B * bytes(1) / bytes(B) times batch 1's tokens/s;
+- matmul speed (a [2048, 2048] x [2048, 2048] float32 product, the best of 5), against which
+  prefill's useful FLOP/s (2 per multiply-add of the active parameters) can be read.
 """
 
 import argparse
@@ -92,6 +101,34 @@ def hf_case(model, context: int, batch: int, new_tokens: int, repeats: int) -> d
     }
 
 
+def ceilings(config, batches: list[int], threads: int) -> dict:
+    """Read bandwidth, matmul speed and the weight bytes of a decode step (float32)."""
+    torch.set_num_threads(threads)
+    big = torch.ones(128 * 1024 * 1024)  # 512 MiB
+    big.sum()
+    read = min(best_time(lambda: big.sum(), 1) for _ in range(5))
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    mm = min(best_time(lambda: a @ b, 1) for _ in range(5))
+    d, f, e, k = config.hidden_size, config.intermediate_size, config.num_local_experts, \
+        config.num_experts_per_tok
+    hd = d // config.num_attention_heads
+    attn = d * hd * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    expert, layers = 3 * d * f, config.num_hidden_layers
+
+    def step_bytes(batch):
+        experts = e * (1 - (1 - k / e) ** batch)
+        return 4 * (layers * (attn + d * e + experts * expert) + d * config.vocab_size)
+
+    return {
+        "read_gb_per_s": big.numel() * 4 / read / 1e9,
+        "matmul_gflop_per_s": 2 * 2048 ** 3 / mm / 1e9,
+        "active_flop_per_token": 2 * (layers * (attn + d * e + k * expert) + d * config.vocab_size),
+        "step_bytes": {b: step_bytes(b) for b in batches},
+        "batch_bound": {b: b * step_bytes(1) / step_bytes(b) for b in batches},
+    }
+
+
 def main():
     a = parse_args()
     work = Path(a.work)
@@ -131,7 +168,27 @@ def main():
               f" {dec:>6.2f}")
         rows.append({"batch": b, "context": c, "moe": m, "transformers": p,
                      "prefill_ratio": pre, "decode_ratio": dec})
-    (work / "peer_decode.json").write_text(json.dumps(rows, indent=1))
+    roof = ceilings(model.config, sorted(set(batches) | {1}), a.threads)
+    print(f"\nceilings (torch, {a.threads} threads): read {roof['read_gb_per_s']:.1f} GB/s, "
+          f"matmul {roof['matmul_gflop_per_s']:.1f} GFLOP/s; "
+          f"{roof['active_flop_per_token'] / 1e6:.1f} MFLOP per token")
+    for b in sorted(roof["step_bytes"]):
+        print(f"  batch {b:>2}: a decode step reads {roof['step_bytes'][b] / 1e6:.1f} MB of "
+              f"weights; bandwidth bound on batch {b} / batch 1 tokens/s: "
+              f"{roof['batch_bound'][b]:.2f}x")
+    for r in rows:
+        m, p = r["moe"], r["transformers"]
+        flop = roof["active_flop_per_token"] / 1e9
+        r["prefill_gflop_per_s"] = {"moe": m["prefill_tokens_per_s"] * flop,
+                                    "transformers": p["prefill_tokens_per_s"] * flop}
+        if r["batch"] == 1:
+            r["decode_gb_per_s"] = m["decode_tokens_per_s"] * roof["step_bytes"][1] / 1e9
+        print(f"  batch {r['batch']:>2} context {r['context']:>4}: prefill useful GFLOP/s "
+              f"moe {r['prefill_gflop_per_s']['moe']:.1f}, "
+              f"HF {r['prefill_gflop_per_s']['transformers']:.1f}"
+              + (f"; batch-1 decode reads weights at {r['decode_gb_per_s']:.1f} GB/s"
+                 if "decode_gb_per_s" in r else ""))
+    (work / "peer_decode.json").write_text(json.dumps({"cases": rows, "ceilings": roof}, indent=1))
 
 
 if __name__ == "__main__":
