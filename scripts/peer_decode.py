@@ -20,8 +20,9 @@ It also prints the machine's ceilings, measured by torch in the same run, agains
 targets can be read:
 - read bandwidth (the sum of a 512 MiB tensor) and the weight bytes a decode step reads: at
   batch 1 the active experts, at batch B the experts at least one of the B tokens routes to
-  (expected E * (1 - (1 - k/E)^B) per layer with uniform routing). Decode at batch 1 is bound by
-  bandwidth, so batch B can reach at most B * bytes(1) / bytes(B) times batch 1's tokens/s;
+  (expected E * (1 - (1 - k/E)^B) per layer with uniform routing). A step cannot beat the read
+  bandwidth, and at equal efficiency (the same share of the bandwidth) batch B reaches at most
+  B * bytes(1) / bytes(B) times batch 1's tokens/s;
 - matmul speed (a [2048, 2048] x [2048, 2048] float32 product, the best of 5), against which
   prefill's useful FLOP/s (2 per multiply-add of the active parameters) can be read.
 """
@@ -173,9 +174,10 @@ def main():
           f"matmul {roof['matmul_gflop_per_s']:.1f} GFLOP/s; "
           f"{roof['active_flop_per_token'] / 1e6:.1f} MFLOP per token")
     for b in sorted(roof["step_bytes"]):
+        ceiling = b * roof["read_gb_per_s"] * 1e9 / roof["step_bytes"][b]
         print(f"  batch {b:>2}: a decode step reads {roof['step_bytes'][b] / 1e6:.1f} MB of "
-              f"weights; bandwidth bound on batch {b} / batch 1 tokens/s: "
-              f"{roof['batch_bound'][b]:.2f}x")
+              f"weights: at most {ceiling:.0f} tokens/s at the read bandwidth; at equal "
+              f"efficiency, batch {b} / batch 1 tokens/s is at most {roof['batch_bound'][b]:.2f}x")
     for r in rows:
         m, p = r["moe"], r["transformers"]
         flop = roof["active_flop_per_token"] / 1e9

@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Routing specialisation over seeds (docs/results.md, "Routing specialisation"): reads each
+`seed-N/report.json` of an MoE run group (`moe train --seeds N --out GROUP`) and prints, for the
+trained routers and each random-router control, the mean over seeds and its 95% Student's t
+interval of NMI, NMI as a share of its reachable maximum and I(domain; expert | current token),
+then the per-seed ratios of the trained routers' conditional MI to each control's.
+
+    python3 scripts/routing_summary.py runs/moe
+"""
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+# Two-sided 95% quantiles of Student's t, by degrees of freedom (as crates/moe-train/src/interval.rs).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+       9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131}
+
+
+def interval(xs):
+    mean = statistics.fmean(xs)
+    if len(xs) < 2:
+        return mean, float("nan")
+    return mean, T95.get(len(xs) - 1, 1.96) * statistics.stdev(xs) / math.sqrt(len(xs))
+
+
+def main():
+    group = Path(sys.argv[1])
+    reports = sorted(group.glob("seed-*/report.json"), key=lambda p: int(p.parent.name[5:]))
+    if not reports:
+        sys.exit(f"error: no seed-N/report.json under {group}")
+    rows = {"trained routers": {"nmi": [], "nmi_of_max": [], "conditional_mi": []}}
+    ratios = {}
+    for path in reports:
+        r = json.loads(path.read_text())
+        trained = rows["trained routers"]
+        trained["nmi"].append(r["mean_nmi"])
+        trained["nmi_of_max"].append(r["mean_nmi_of_max"])
+        trained["conditional_mi"].append(r["mean_conditional_mi"])
+        for c in r["controls"]:
+            row = rows.setdefault(c["name"], {"nmi": [], "nmi_of_max": [], "conditional_mi": []})
+            for key in row:
+                row[key].append(c[key]["mean"])
+            ratios.setdefault(c["name"], []).append(
+                r["mean_conditional_mi"] / c["conditional_mi"]["mean"])
+    print(f"{len(reports)} seeds: {', '.join(p.parent.name for p in reports)}")
+    print(f"{'routing':<34} {'NMI':>16} {'NMI / max':>16} {'cond. MI (nats)':>16}")
+    for name, row in rows.items():
+        cells = [interval(row[k]) for k in ("nmi", "nmi_of_max", "conditional_mi")]
+        print(f"{name:<34} " + " ".join(f"{m:>8.3f} ± {h:.3f}" for m, h in cells))
+    for name, xs in ratios.items():
+        m, h = interval(xs)
+        print(f"trained / {name}: conditional MI ratio {m:.2f} ± {h:.2f} "
+              f"(per seed {min(xs):.2f}-{max(xs):.2f})")
+
+
+if __name__ == "__main__":
+    main()
