@@ -26,8 +26,11 @@ domains=(code arithmetic english spanish)
 s=seed-$seed
 run() { echo "+ $*" >&2; "$moe" "$@"; }
 
-run train --dense --steps "$base_steps" --seed "$seed" --out "$root/base/$s" --quiet
 base="$root/base/$s"
+# The seed model and the dense baseline are kept when they exist (another split may share them).
+if [ ! -e "$base/latest" ]; then
+  run train --dense --steps "$base_steps" --seed "$seed" --out "$base" --quiet
+fi
 for v in $variants; do
   case $v in
     full) branches=full-branches freeze=() ;;

@@ -41,12 +41,14 @@ impl BudgetArgs {
         self.expert_budget.is_some()
     }
 
-    /// Loads checkpoint `dir` on `device`: fully resident, or paged under the budget.
+    /// Loads checkpoint `dir` (or a run directory's latest checkpoint) on `device`: fully
+    /// resident, or paged under the budget.
     pub fn load(
         &self,
         dir: &Path,
         device: &Device,
     ) -> anyhow::Result<(Checkpoint, Option<Arc<ExpertStore>>)> {
+        let dir = &crate::resolve_checkpoint(dir)?;
         Ok(match self.expert_budget {
             None => (checkpoint::load(dir, device)?, None),
             Some(budget_bytes) => {

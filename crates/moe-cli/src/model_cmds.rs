@@ -20,7 +20,7 @@ use crate::prompt::{Codec, PromptArgs};
 /// Arguments of `moe generate`.
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Checkpoint directory.
+    /// Checkpoint directory, or a run directory (its latest checkpoint).
     checkpoint: PathBuf,
     #[command(flatten)]
     prompt: PromptArgs,
@@ -267,7 +267,7 @@ fn peak_rss_bytes() -> Option<u64> {
 /// Arguments of `moe logits`.
 #[derive(Args, Debug)]
 pub struct LogitsArgs {
-    /// Checkpoint directory.
+    /// Checkpoint directory, or a run directory (its latest checkpoint).
     checkpoint: PathBuf,
     #[command(flatten)]
     prompt: PromptArgs,
@@ -384,7 +384,7 @@ fn save_derived(
 /// Arguments of `moe upcycle`.
 #[derive(Args, Debug)]
 pub struct UpcycleArgs {
-    /// Dense checkpoint directory.
+    /// Dense checkpoint directory, or a run directory (its latest checkpoint).
     dense: PathBuf,
     /// MoE checkpoint directory to write.
     #[arg(long)]
@@ -412,7 +412,7 @@ pub fn upcycle(a: UpcycleArgs) -> anyhow::Result<()> {
     if !(a.noise >= 0.0 && a.noise.is_finite()) {
         bail!("--noise must be >= 0, got {}", a.noise);
     }
-    let ckpt = checkpoint::load(&a.dense, &Device::flex())?;
+    let ckpt = checkpoint::load(&crate::resolve_checkpoint(&a.dense)?, &Device::flex())?;
     let d = ckpt.model.config.d_model;
     let moe = MoeLayerConfig::new(d, ckpt.model.config.d_ff, a.experts)
         .with_router(RouterConfig::mixtral().with_top_k(a.top_k));
@@ -437,7 +437,7 @@ pub fn upcycle(a: UpcycleArgs) -> anyhow::Result<()> {
 /// Arguments of `moe quantize`.
 #[derive(Args, Debug)]
 pub struct QuantizeArgs {
-    /// Checkpoint directory.
+    /// Checkpoint directory, or a run directory (its latest checkpoint).
     checkpoint: PathBuf,
     /// Precision of the routed experts: q8 or q4 (symmetric, one f32 scale per 32 values).
     #[arg(long, value_parser = parse_quant)]
@@ -457,19 +457,20 @@ fn parse_quant(s: &str) -> Result<ExpertQuant, String> {
 /// Runs `moe quantize`.
 pub fn quantize(a: QuantizeArgs) -> anyhow::Result<()> {
     crate::refuse_existing(&a.out, a.overwrite)?;
-    let ckpt = checkpoint::load(&a.checkpoint, &Device::flex())?;
+    let ckpt = checkpoint::load(&crate::resolve_checkpoint(&a.checkpoint)?, &Device::flex())?;
     if ckpt.model.config.n_moe_layers() == 0 {
         bail!(
             "{}: a dense model has no experts to quantise",
             a.checkpoint.display()
         );
     }
+    let ckpt_dir = ckpt.dir.clone();
     let model = quantize_experts(ckpt.model, a.experts)?;
     let dir = save_derived(
         &a.out,
         &model,
         ckpt.tokenizer.as_ref(),
-        &ckpt.dir,
+        &ckpt_dir,
         a.overwrite,
     )?;
     let size = |d: &std::path::Path| -> anyhow::Result<Vec<weights::StoredBytes>> {
@@ -478,7 +479,7 @@ pub fn quantize(a: QuantizeArgs) -> anyhow::Result<()> {
         )?)
     };
     let experts = |s: &[weights::StoredBytes]| s.iter().map(|b| b.experts).sum::<usize>();
-    let (before, after) = (experts(&size(&a.checkpoint)?), experts(&size(&dir)?));
+    let (before, after) = (experts(&size(&ckpt_dir)?), experts(&size(&dir)?));
     println!(
         "quantised the experts of {} -> {}: {:.1} MiB -> {:.1} MiB of expert weights",
         a.checkpoint.display(),
@@ -493,7 +494,7 @@ pub fn quantize(a: QuantizeArgs) -> anyhow::Result<()> {
 #[derive(Args, Debug)]
 #[command(group(clap::ArgGroup::new("target").required(true).args(["out", "hf"])))]
 pub struct ExportArgs {
-    /// Checkpoint directory.
+    /// Checkpoint directory, or a run directory (its latest checkpoint).
     checkpoint: PathBuf,
     /// The safetensors file to write (our parameter names and layout).
     #[arg(long)]
@@ -507,9 +508,13 @@ pub struct ExportArgs {
 /// Runs `moe export`.
 pub fn export(a: ExportArgs) -> anyhow::Result<()> {
     // In the dtype the checkpoint stores.
-    let ckpt = checkpoint::load_as(&a.checkpoint, &Device::flex(), None)?;
+    let ckpt = checkpoint::load_as(
+        &crate::resolve_checkpoint(&a.checkpoint)?,
+        &Device::flex(),
+        None,
+    )?;
     if let Some(dir) = &a.hf {
-        let tokenizer = a.checkpoint.join(HF_TOKENIZER_DIR);
+        let tokenizer = ckpt.dir.join(HF_TOKENIZER_DIR);
         let has_tokenizer = tokenizer.is_dir();
         hf::export_mixtral(
             &ckpt.model,

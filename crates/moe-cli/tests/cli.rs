@@ -104,7 +104,8 @@ fn train_then_eval_generate_logits_inspect() {
     assert_eq!(g["prompt_tokens"], serde_json::json!([100, 101, 102, 32]));
     assert!(g["new_tokens"].as_array().unwrap().len() <= 5);
 
-    let o = moe(&["logits", &ckpt, "--prompt", "ab"]);
+    // A run directory stands for its latest checkpoint here too.
+    let o = moe(&["logits", &run_s, "--prompt", "ab"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let l: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(l["tokens"], serde_json::json!([97, 98]));
