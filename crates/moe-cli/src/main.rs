@@ -183,8 +183,12 @@ pub(crate) fn latest_checkpoint(run: &RunDir) -> anyhow::Result<Option<PathBuf>>
 }
 
 /// The checkpoint a path names: a checkpoint directory itself, or a run directory's latest
-/// checkpoint (with [`latest_checkpoint`]'s warning).
+/// checkpoint (with [`latest_checkpoint`]'s warning). A path that is not a directory is
+/// returned as it is, for the checkpoint loader to say what is wrong with it (missing, a file).
 pub(crate) fn resolve_checkpoint(path: &Path) -> anyhow::Result<PathBuf> {
+    if !path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
     let dir = moe_train::train::resolve_checkpoint(path)?;
     if dir != path {
         latest_checkpoint(&RunDir::open(path)?)?;
