@@ -26,9 +26,12 @@ domains=(code arithmetic english spanish)
 s=seed-$seed
 run() { echo "+ $*" >&2; "$moe" "$@"; }
 
+# A run counts as done when it has the checkpoint of its last step. Runs are found by path only,
+# not by their settings: use one ROOT per split (a link ROOT/dense shares the dense baseline, a
+# link ROOT/base the seed model of another ROOT with the same BASE_STEPS).
+done_at() { [ -d "$1/checkpoints/step-$(printf %07d "$2")" ]; }
 base="$root/base/$s"
-# The seed model and the dense baseline are kept when they exist (another split may share them).
-if [ ! -e "$base/latest" ]; then
+if ! done_at "$base" "$base_steps"; then
   run train --dense --steps "$base_steps" --seed "$seed" --out "$base" --quiet
 fi
 for v in $variants; do
@@ -36,7 +39,7 @@ for v in $variants; do
     full) branches=full-branches freeze=() ;;
     frozen|frozen-gen) branches=frozen-branches freeze=(--freeze-body) ;;
   esac
-  if [ ! -e "$root/$branches/$s/spanish/latest" ]; then
+  if ! done_at "$root/$branches/$s/spanish" "$branch_steps"; then
     run branch --base "$base" --out "$root/$branches/$s" --steps "$branch_steps" --lr "$branch_lr" \
       --seed "$seed" "${freeze[@]}" --quiet
   fi
@@ -46,7 +49,7 @@ for v in $variants; do
   run merge "${paths[@]}" --out "$root/$v/$s" --seed "$seed" "${extra[@]}"
   run train --from "$root/$v/$s" --steps "$ft_steps" --seed "$seed" --out "$root/$v-ft/$s" --quiet
 done
-if [ ! -e "$root/dense/$s/latest" ]; then
+if ! done_at "$root/dense/$s" 1200; then
   run train --dense --steps 1200 --seed "$seed" --out "$root/dense/$s" --quiet
 fi
 if [ -d "$root/frozen-branches/$s" ]; then

@@ -108,13 +108,13 @@ def ceilings(config, batches: list[int], threads: int) -> dict:
     torch.set_num_threads(threads)
     big = torch.ones(128 * 1024 * 1024)  # 512 MiB
     big.sum()
-    read = min(best_time(lambda: big.sum(), 1) for _ in range(5))
+    read = best_time(lambda: big.sum(), 5)
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     a @ b
-    mm = min(best_time(lambda: a @ b, 1) for _ in range(5))
+    mm = best_time(lambda: a @ b, 5)
     d, f, e, k = config.hidden_size, config.intermediate_size, config.num_local_experts, \
         config.num_experts_per_tok
-    hd = d // config.num_attention_heads
+    hd = getattr(config, "head_dim", None) or d // config.num_attention_heads
     attn = d * hd * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
     expert, layers = 3 * d * f, config.num_hidden_layers
 

@@ -15,20 +15,23 @@ import sys
 from pathlib import Path
 
 # Two-sided 95% quantiles of Student's t, by degrees of freedom (as crates/moe-train/src/interval.rs).
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-       9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131}
+T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+       2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+       2.052, 2.048, 2.045, 2.042]
 
 
 def interval(xs):
     mean = statistics.fmean(xs)
     if len(xs) < 2:
         return mean, float("nan")
-    return mean, T95.get(len(xs) - 1, 1.96) * statistics.stdev(xs) / math.sqrt(len(xs))
+    t = T95[len(xs) - 2] if len(xs) - 1 <= len(T95) else 1.96
+    return mean, t * statistics.stdev(xs) / math.sqrt(len(xs))
 
 
 def main():
     group = Path(sys.argv[1])
-    reports = sorted(group.glob("seed-*/report.json"), key=lambda p: int(p.parent.name[5:]))
+    reports = sorted((p for p in group.glob("seed-*/report.json")
+                      if p.parent.name[5:].isdigit()), key=lambda p: int(p.parent.name[5:]))
     if not reports:
         sys.exit(f"error: no seed-N/report.json under {group}")
     rows = {"trained routers": {"nmi": [], "nmi_of_max": [], "conditional_mi": []}}
@@ -43,8 +46,9 @@ def main():
             row = rows.setdefault(c["name"], {"nmi": [], "nmi_of_max": [], "conditional_mi": []})
             for key in row:
                 row[key].append(c[key]["mean"])
-            ratios.setdefault(c["name"], []).append(
-                r["mean_conditional_mi"] / c["conditional_mi"]["mean"])
+            if c["conditional_mi"]["mean"] > 0:
+                ratios.setdefault(c["name"], []).append(
+                    r["mean_conditional_mi"] / c["conditional_mi"]["mean"])
     print(f"{len(reports)} seeds: {', '.join(p.parent.name for p in reports)}")
     print(f"{'routing':<34} {'NMI':>16} {'NMI / max':>16} {'cond. MI (nats)':>16}")
     for name, row in rows.items():

@@ -41,9 +41,11 @@ pub fn decode_model() -> ModelConfig {
 /// most the model's context minus `new_tokens`), decoding `new_tokens` greedily after prompts of
 /// pseudo-random ids. Prefill and decode tokens/s count every sequence of the batch.
 ///
-/// An untimed run warms the backend up first, with a prompt of [`WARM_UP_TOKENS`]: a checkpoint's
-/// weights are read from its file on first use, and so many tokens reach every expert of a
-/// routed layer (unless its routing has collapsed), so no timed run pays for those reads.
+/// An untimed run warms the backend up first, with one prompt of [`WARM_UP_TOKENS`]: a
+/// checkpoint's weights are read from its file on first use, and so many tokens reach every
+/// expert of a routed layer (unless its routing has collapsed), so no timed run pays for those
+/// reads. Under an expert budget the timed runs still read the experts they evict and route to
+/// again: that is what such a run measures.
 pub fn decode_speed(
     model: &MoeLm,
     batches: &[usize],
@@ -60,10 +62,8 @@ pub fn decode_speed(
     if batches.contains(&0) {
         return Err("a batch must hold at least 1 sequence".into());
     }
-    if let Some(&b) = batches.first()
-        && max > 1
-    {
-        run_once(model, b, WARM_UP_TOKENS.min(max - 1), 1);
+    if max > 1 {
+        run_once(model, 1, WARM_UP_TOKENS.min(max - 1), 1);
     }
     Ok(batches
         .iter()

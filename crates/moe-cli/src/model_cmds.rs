@@ -426,7 +426,7 @@ pub fn upcycle(a: UpcycleArgs) -> anyhow::Result<()> {
     )?;
     println!(
         "upcycled {} -> {} ({} experts, top-{})",
-        a.dense.display(),
+        ckpt.dir.display(),
         dir.display(),
         a.experts,
         a.top_k
@@ -461,16 +461,15 @@ pub fn quantize(a: QuantizeArgs) -> anyhow::Result<()> {
     if ckpt.model.config.n_moe_layers() == 0 {
         bail!(
             "{}: a dense model has no experts to quantise",
-            a.checkpoint.display()
+            ckpt.dir.display()
         );
     }
-    let ckpt_dir = ckpt.dir.clone();
     let model = quantize_experts(ckpt.model, a.experts)?;
     let dir = save_derived(
         &a.out,
         &model,
         ckpt.tokenizer.as_ref(),
-        &ckpt_dir,
+        &ckpt.dir,
         a.overwrite,
     )?;
     let size = |d: &std::path::Path| -> anyhow::Result<Vec<weights::StoredBytes>> {
@@ -479,10 +478,10 @@ pub fn quantize(a: QuantizeArgs) -> anyhow::Result<()> {
         )?)
     };
     let experts = |s: &[weights::StoredBytes]| s.iter().map(|b| b.experts).sum::<usize>();
-    let (before, after) = (experts(&size(&ckpt_dir)?), experts(&size(&dir)?));
+    let (before, after) = (experts(&size(&ckpt.dir)?), experts(&size(&dir)?));
     println!(
         "quantised the experts of {} -> {}: {:.1} MiB -> {:.1} MiB of expert weights",
-        a.checkpoint.display(),
+        ckpt.dir.display(),
         dir.display(),
         before as f64 / (1 << 20) as f64,
         after as f64 / (1 << 20) as f64

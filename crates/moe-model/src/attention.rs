@@ -138,10 +138,11 @@ impl Attention {
     /// folded into the rows of one attention over the shared head.
     ///
     /// Burn's fused attention runs it (flex has its own kernel; the other backends compose it
-    /// from matmuls), except for one new token on a host backend: there `k` and `v` are views of
-    /// the first positions of the cache's buffers, which flex's kernel copies to contiguous
-    /// memory first (every key and value, every step), while its matmuls read strided views in
-    /// place. The composition from matmuls computes the same thing.
+    /// from matmuls), except for one new token on a host backend: in a decode step `k` and `v`
+    /// are views of the first positions of the cache's buffers, which flex's kernel copies to
+    /// contiguous memory first (every key and value, every step), while its matmuls read strided
+    /// views in place. The composition from matmuls computes the same thing (in the tensors'
+    /// dtype; models run in f32).
     ///
     /// q: `[batch, h, seq, hd]`; k, v: `[batch, kvh, total, hd]` -> `[batch, h, seq, hd]`
     fn grouped(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, at: &Positions) -> Tensor<4> {

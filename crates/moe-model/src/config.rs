@@ -285,7 +285,14 @@ impl ModelConfig {
 /// Burn's `Config` derive gives a missing JSON field no default, so a field added to a config
 /// would make every file written before it unreadable. Readers of saved configs fill the file's
 /// gaps from the serialised defaults first: an old checkpoint keeps loading, and the new field
-/// takes its documented default.
+/// takes its documented default. Hence the rule for adding a field: its default must reproduce
+/// what files without it meant.
+///
+/// Limits: the files are written whole by this program, so a gap is a field added since; a key
+/// missing from a hand-edited file takes the enclosing default's value even where the config
+/// has no default of its own (a weights file of other shapes then fails to load). An optional
+/// sub-config whose default is `None` (`null`) is not filled inside: give such a config's new
+/// fields `Option` types.
 pub fn fill_defaults(found: &mut serde_json::Value, defaults: &serde_json::Value) {
     let (Some(found), Some(defaults)) = (found.as_object_mut(), defaults.as_object()) else {
         return;
