@@ -101,24 +101,13 @@ pub fn over_defaults<T: serde::Serialize + serde::de::DeserializeOwned>(
     defaults: &T,
     path: &Path,
 ) -> anyhow::Result<T> {
-    fn merge(base: &mut serde_json::Value, user: serde_json::Value) {
-        match (base, user) {
-            (serde_json::Value::Object(b), serde_json::Value::Object(u)) => {
-                for (k, v) in u {
-                    merge(b.entry(k).or_insert(serde_json::Value::Null), v);
-                }
-            }
-            (b, u) => *b = u,
-        }
-    }
-    let user: serde_json::Value = read_json(path)?;
+    let mut user: serde_json::Value = read_json(path)?;
     if !user.is_object() {
         bail!(
             "{}: expected a JSON object of config fields",
             path.display()
         );
     }
-    let mut merged = serde_json::to_value(defaults)?;
-    merge(&mut merged, user);
-    serde_json::from_value(merged).with_context(|| format!("{}: invalid config", path.display()))
+    moe_model::fill_defaults(&mut user, &serde_json::to_value(defaults)?);
+    serde_json::from_value(user).with_context(|| format!("{}: invalid config", path.display()))
 }

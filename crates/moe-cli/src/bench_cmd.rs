@@ -117,9 +117,8 @@ fn bench_decode(a: &BenchArgs, name: &str, ckpt: Option<&Path>) -> anyhow::Resul
     let device = crate::device(name)?;
     let (model, store, label) = match ckpt {
         Some(path) => {
-            let dir = crate::resolve_checkpoint(path)?;
-            let (ckpt, store) = a.budget.load(&dir, &device)?;
-            (ckpt.model, store, dir.display().to_string())
+            let (ckpt, store) = a.budget.load(path, &device)?;
+            (ckpt.model, store, ckpt.dir.display().to_string())
         }
         None => {
             anyhow::ensure!(

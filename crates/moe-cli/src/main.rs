@@ -17,6 +17,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use moe_train::RunDir;
+use moe_train::run::Latest;
 
 /// Build, train, run and benchmark Mixture-of-Experts language models.
 #[derive(Parser, Debug)]
@@ -174,12 +175,15 @@ pub(crate) fn devices(names: &[String]) -> anyhow::Result<Vec<burn::tensor::Devi
 /// A run's checkpoint to continue from; prints a warning when the run's `latest` pointer names a
 /// missing or incomplete checkpoint and the newest complete one is taken instead.
 pub(crate) fn latest_checkpoint(run: &RunDir) -> anyhow::Result<Option<PathBuf>> {
-    Ok(run.find_latest()?.map(|latest| {
-        if let Some(warning) = latest.warning {
-            eprintln!("warning: {warning}");
-        }
-        latest.dir
-    }))
+    Ok(run.find_latest()?.map(announce))
+}
+
+/// The directory of `latest`, after printing its warning if it has one.
+fn announce(latest: Latest) -> PathBuf {
+    if let Some(warning) = latest.warning {
+        eprintln!("warning: {warning}");
+    }
+    latest.dir
 }
 
 /// The checkpoint a path names: a checkpoint directory itself, or a run directory's latest
@@ -189,9 +193,5 @@ pub(crate) fn resolve_checkpoint(path: &Path) -> anyhow::Result<PathBuf> {
     if !path.is_dir() {
         return Ok(path.to_path_buf());
     }
-    let dir = moe_train::train::resolve_checkpoint(path)?;
-    if dir != path {
-        latest_checkpoint(&RunDir::open(path)?)?;
-    }
-    Ok(dir)
+    Ok(announce(moe_train::train::resolve_latest(path)?))
 }

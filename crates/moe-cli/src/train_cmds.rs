@@ -436,8 +436,8 @@ pub(crate) fn run_corpus(
 /// Runs `moe eval`.
 pub fn eval(a: EvalArgs) -> anyhow::Result<()> {
     let device = crate::device(&a.device)?;
-    let dir = resolve_checkpoint(&a.checkpoint)?;
-    let (ckpt, _) = a.budget.load(&dir, &device)?;
+    let (ckpt, _) = a.budget.load(&a.checkpoint, &device)?;
+    let dir = ckpt.dir.clone();
     let tokenizer = moe_train::hf_tokenizer::for_checkpoint(&dir, ckpt.tokenizer.as_ref())?;
     let (corpus, run) = run_corpus(&dir, a.data.as_deref(), tokenizer.as_ref())?;
     let seq_len = run.seq_len.min(ckpt.model.config.max_seq_len);

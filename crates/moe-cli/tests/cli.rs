@@ -28,6 +28,19 @@ fn tiny_model(dir: &Path) -> String {
     path.display().to_string()
 }
 
+/// Flags of a short, quiet run on the tiny model: `steps` steps of 8 windows of 32 tokens.
+fn quick_run(steps: &'static str) -> [&'static str; 7] {
+    [
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "8",
+        "--steps",
+        steps,
+        "--quiet",
+    ]
+}
+
 #[test]
 fn train_then_eval_generate_logits_inspect() {
     let tmp = tempfile::tempdir().unwrap();
@@ -439,15 +452,7 @@ fn frozen_branches_generalist_domain_mean_routers_and_btm() {
     let tmp = tempfile::tempdir().unwrap();
     let base = dense_checkpoint(&tmp.path().join("base"));
     let dir = tmp.path().join("fb");
-    let small = [
-        "--seq-len",
-        "32",
-        "--batch-size",
-        "8",
-        "--steps",
-        "6",
-        "--quiet",
-    ];
+    let small = quick_run("6");
     let mut args = vec!["branch", "--base", &base, "--freeze-body"];
     args.extend(["--domains", "code,english", "--out", dir.to_str().unwrap()]);
     args.extend(small);
@@ -520,15 +525,7 @@ fn seeds_and_compare() {
     // A smaller corpus of another corpus seed, which evaluations must rebuild.
     let config = tmp.path().join("train.json");
     std::fs::write(&config, r#"{"corpus_bytes": 60000, "corpus_seed": 3}"#).unwrap();
-    let small = [
-        "--seq-len",
-        "32",
-        "--batch-size",
-        "8",
-        "--steps",
-        "4",
-        "--quiet",
-    ];
+    let small = quick_run("4");
     let (moe_dir, dense_dir) = (tmp.path().join("moe"), tmp.path().join("dense"));
     for (out, dense) in [(&moe_dir, false), (&dense_dir, true)] {
         let mut args = vec!["train", "--seeds", "2", "--model-config", &model];

@@ -14,7 +14,7 @@ use crate::config::TrainConfig;
 use crate::error::{DataError, Result};
 use crate::hf_tokenizer::{HF_TOKENIZER_DIR, copy_files};
 use crate::merge_info::{MERGE_FILE, MergeInfo};
-use crate::run::{OPTIMIZER_FILE, RunDir, STATE_FILE, TrainerState};
+use crate::run::{Latest, OPTIMIZER_FILE, RunDir, STATE_FILE, TrainerState};
 
 /// Saves a checkpoint of the run (model, tokenizer, optimizer, trainer state) atomically and
 /// points `latest` at it.
@@ -73,10 +73,19 @@ pub(super) fn resume_from(
 /// The checkpoint of a run to report on: `dir` itself when it is a checkpoint, else the run's
 /// latest.
 pub fn resolve_checkpoint(dir: &Path) -> Result<PathBuf> {
+    Ok(resolve_latest(dir)?.dir)
+}
+
+/// [`resolve_checkpoint`], with the warning of [`RunDir::find_latest`] when a run's `latest`
+/// pointer names a missing or incomplete checkpoint (never for a checkpoint itself).
+pub fn resolve_latest(dir: &Path) -> Result<Latest> {
     if dir.join(checkpoint::CONFIG_FILE).exists() {
-        return Ok(dir.to_path_buf());
+        return Ok(Latest {
+            dir: dir.to_path_buf(),
+            warning: None,
+        });
     }
     RunDir::open(dir)?
-        .latest()?
+        .find_latest()?
         .ok_or_else(|| DataError::run(dir, "is neither a checkpoint nor a run with checkpoints"))
 }

@@ -27,7 +27,7 @@ use moe_model::checkpoint;
 use moe_model::model::seed_device;
 use serde_json::json;
 
-pub use checkpoints::resolve_checkpoint;
+pub use checkpoints::{resolve_checkpoint, resolve_latest};
 pub use clip::{clip_global_norm, global_norm};
 pub use job::{Start, TrainJob, TrainOutcome};
 pub use optimizer::lr_schedule;
