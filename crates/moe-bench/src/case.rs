@@ -96,7 +96,7 @@ pub fn dense_case(
     layer_case(name, s, backward, device, flops, move |x| ffn.forward(x))
 }
 
-/// An MoE layer case, forward or forward+backward.
+/// An MoE layer case, forward (laid out for inference) or forward+backward.
 pub fn moe_case(
     name: &str,
     s: &BenchSizes,
@@ -106,15 +106,22 @@ pub fn moe_case(
 ) -> BenchCase {
     let device = case_device(device, backward);
     let flops = config.accounting().flops_per_token as f64;
-    let layer: MoeLayer = config.init(&device);
+    let mut layer: MoeLayer = config.init(&device);
+    if !backward {
+        layer = layer.for_inference();
+    }
     layer_case(name, s, backward, device, flops, move |x| {
         layer.forward_tokens(x, None).output
     })
 }
 
-/// A whole-model forward case: batches of 16 x 128 tokens through `config`.
+/// A whole-model forward case: batches of 16 x 128 tokens through `config`, laid out for
+/// inference.
 pub fn model_case(name: &str, config: &ModelConfig, device: &Device) -> BenchCase {
-    let model = config.init(device).expect("benchmark configs are valid");
+    let model = config
+        .init(device)
+        .expect("benchmark configs are valid")
+        .for_inference();
     let (b, s) = (16, 128.min(config.max_seq_len));
     let fwd = config.accounting().total.flops_per_token as f64 * (b * s) as f64;
     let vocab = config.vocab_size;

@@ -125,7 +125,7 @@ fn bench_decode(a: &BenchArgs, name: &str, ckpt: Option<&Path>) -> anyhow::Resul
                 !a.budget.is_set(),
                 "--expert-budget applies to a checkpoint: give one to --decode"
             );
-            let model = decode_model().init_seeded(&device, 0)?;
+            let model = decode_model().init_seeded(&device, 0)?.for_inference();
             (
                 model,
                 None,

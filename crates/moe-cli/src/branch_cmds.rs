@@ -292,7 +292,7 @@ pub fn btm(a: BtmArgs) -> anyhow::Result<()> {
     let device = crate::device(&a.device)?;
     let load = |p: &PathBuf| -> anyhow::Result<(PathBuf, checkpoint::Checkpoint)> {
         let dir = resolve_checkpoint(p)?;
-        let ckpt = checkpoint::load(&dir, &device)?;
+        let ckpt = checkpoint::load(&dir, &device)?.for_inference();
         Ok((dir, ckpt))
     };
     let branches = a

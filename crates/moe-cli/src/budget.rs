@@ -41,15 +41,15 @@ impl BudgetArgs {
         self.expert_budget.is_some()
     }
 
-    /// Loads checkpoint `dir` (or a run directory's latest checkpoint) on `device`: fully
-    /// resident, or paged under the budget.
+    /// Loads checkpoint `dir` (or a run directory's latest checkpoint) on `device` for
+    /// inference (`Checkpoint::for_inference`): fully resident, or paged under the budget.
     pub fn load(
         &self,
         dir: &Path,
         device: &Device,
     ) -> anyhow::Result<(Checkpoint, Option<Arc<ExpertStore>>)> {
         let dir = &crate::resolve_checkpoint(dir)?;
-        Ok(match self.expert_budget {
+        let (ckpt, store) = match self.expert_budget {
             None => (checkpoint::load(dir, device)?, None),
             Some(budget_bytes) => {
                 let config = StoreConfig {
@@ -60,6 +60,7 @@ impl BudgetArgs {
                 let (ckpt, store) = checkpoint::load_paged(dir, device, config)?;
                 (ckpt, Some(store))
             }
-        })
+        };
+        Ok((ckpt.for_inference(), store))
     }
 }

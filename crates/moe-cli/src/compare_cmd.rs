@@ -101,7 +101,7 @@ fn evaluate_run(
     device: &burn::prelude::Device,
 ) -> anyhow::Result<(Vec<String>, Vec<f64>, Option<u64>)> {
     let ckpt_dir = resolve_checkpoint(dir)?;
-    let ckpt = checkpoint::load(&ckpt_dir, device)?;
+    let ckpt = checkpoint::load(&ckpt_dir, device)?.for_inference();
     let tokenizer = moe_train::hf_tokenizer::for_checkpoint(&ckpt_dir, ckpt.tokenizer.as_ref())?;
     let (corpus, run) = run_corpus(&ckpt_dir, data, tokenizer.as_ref())?;
     let seq_len = run.seq_len.min(ckpt.model.config.max_seq_len);

@@ -43,7 +43,7 @@ pub fn trace(a: TraceArgs) -> anyhow::Result<()> {
     }
     let device = crate::device(&a.device)?;
     let dir = resolve_checkpoint(&a.checkpoint)?;
-    let ckpt = moe_model::checkpoint::load(&dir, &device)?;
+    let ckpt = moe_model::checkpoint::load(&dir, &device)?.for_inference();
     if ckpt.model.config.n_moe_layers() == 0 {
         bail!("{}: a dense model has no experts to trace", dir.display());
     }

@@ -5,8 +5,9 @@ use burn::prelude::*;
 use crate::accounting::Accounting;
 use crate::dispatch::{LayoutChoice, TokenDispatch, capacity, expert_choice_apply};
 use crate::error::ConfigError;
-use crate::experts::{Experts, ExpertsConfig};
+use crate::experts::{Experts, ExpertsConfig, WeightOrder};
 use crate::ffn::{SwiGluFfn, SwiGluFfnConfig};
+use crate::host::runs_on_host;
 use crate::loss::{entropy_sum, load_balancing_loss, router_z_loss};
 use crate::router::{Assignment, Router, RouterConfig, RouterKind, Routing};
 use crate::stats::RoutingStats;
@@ -232,6 +233,18 @@ impl MoeLayer {
             output = output + shared.forward(x);
         }
         output.reshape([b, s, d])
+    }
+
+    /// The same layer laid out for inference on its device: on a host CPU backend (flex or
+    /// ndarray without autodiff) a resident expert bank moves to [`WeightOrder::OutIn`], which
+    /// multiplies the few rows per expert of decoding 1.5-2x faster; elsewhere (wgpu,
+    /// autodiff) and for a paged bank nothing changes. The outputs are the same up to float
+    /// rounding. Do not train it.
+    pub fn for_inference(mut self) -> Self {
+        if runs_on_host(&self.router.gate.weight.lazy_device()) {
+            self.experts = self.experts.with_order(WeightOrder::OutIn);
+        }
+        self
     }
 
     /// The layer on a flat list of tokens.

@@ -44,7 +44,7 @@ pub use accounting::{Accounting, WeightDType};
 pub use cache::{CachePolicy, CacheStats, ExpertCache, ExpertKey};
 pub use device::{DeviceSpec, WgpuAdapter, parse_device};
 pub use error::{ConfigError, DeviceError};
-pub use experts::{ExpertSource, ExpertWeights, Experts, ExpertsConfig};
+pub use experts::{ExpertSource, ExpertWeights, Experts, ExpertsConfig, WeightOrder};
 pub use ffn::{SwiGluFfn, SwiGluFfnConfig};
 pub use layer::{AuxLosses, ExpertCompute, MoeLayer, MoeLayerConfig, MoeOutput};
 pub use router::{Assignment, Router, RouterConfig, RouterKind, Routing};

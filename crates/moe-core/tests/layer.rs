@@ -8,7 +8,7 @@ use common::{HostMoe, random_input};
 use moe_core::experts::PARALLEL_MIN_MACS;
 use moe_core::testing::{assert_close, ints, test_device, values};
 use moe_core::{
-    ExpertCompute, MoeLayer, MoeLayerConfig, RouterConfig, RouterKind, SwiGluFfnConfig,
+    ExpertCompute, MoeLayer, MoeLayerConfig, RouterConfig, RouterKind, SwiGluFfnConfig, WeightOrder,
 };
 use rstest::rstest;
 
@@ -95,6 +95,32 @@ fn chains_on_cores_match_naive_reference(
         .with_compute(ExpertCompute::Segments)
         .init(&device);
     check_against_reference(&layer, t, 5, &device);
+}
+
+/// Experts laid out `[out, in]` compute the same layer, in every expert layout, in a small pass
+/// and in one whose chains run on the cores; back in `[in, out]` they hold the same values.
+#[rstest]
+fn out_in_order_matches_naive_reference(
+    #[values("flex", "ndarray", "wgpu")] backend: &str,
+    #[values(ExpertCompute::Padded, ExpertCompute::Segments)] compute: ExpertCompute,
+    #[values(37, 512)] t: usize,
+) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    let (d, f) = (64, 96);
+    let mut layer = MoeLayerConfig::new(d, f, 8)
+        .with_compute(compute)
+        .init(&device);
+    let original = values(layer.experts.w_down.val());
+    layer.experts = layer.experts.clone().with_order(WeightOrder::OutIn);
+    assert_eq!(layer.experts.order, WeightOrder::OutIn);
+    assert_eq!(layer.experts.dims(), [8, d, f]);
+    check_against_reference(&layer, t, 3, &device);
+
+    let back = layer.experts.with_order(WeightOrder::InOut);
+    assert_eq!(back.order, WeightOrder::InOut);
+    assert_eq!(values(back.w_down.val()), original);
 }
 
 #[rstest]

@@ -231,6 +231,14 @@ pub struct Checkpoint {
     pub dir: PathBuf,
 }
 
+impl Checkpoint {
+    /// The checkpoint with its model laid out for inference ([`MoeLm::for_inference`]).
+    pub fn for_inference(mut self) -> Self {
+        self.model = self.model.for_inference();
+        self
+    }
+}
+
 /// Checks that `dir` is a directory holding a checkpoint.
 fn require_dir(dir: &Path) -> Result<()> {
     let meta = fs::metadata(dir).map_err(|e| ModelError::io(dir, e))?;

@@ -9,7 +9,7 @@
 
 use burn::module::{ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
-use moe_core::{Experts, MoeLayer, MoeLayerConfig, SwiGluFfn};
+use moe_core::{Experts, MoeLayer, MoeLayerConfig, SwiGluFfn, WeightOrder};
 
 use crate::block::Ffn;
 use crate::config::{FfnPlan, ModelConfig};
@@ -70,6 +70,7 @@ fn stack_ffns(ffns: &[&SwiGluFfn]) -> Experts {
         w_up: stack(&|f| f.w_up.weight.val()),
         w_down: stack(&|f| f.w_down.weight.val()),
         source: None,
+        order: WeightOrder::InOut,
     }
 }
 

@@ -20,7 +20,7 @@ use burn::prelude::*;
 use burn::tensor::quantization::QPARAM_ALIGN;
 use burn::tensor::{Bytes, DType, TensorData};
 use moe_core::cache::replay;
-use moe_core::{CachePolicy, ExpertCache, ExpertKey, ExpertSource, ExpertWeights};
+use moe_core::{CachePolicy, ExpertCache, ExpertKey, ExpertSource, ExpertWeights, WeightOrder};
 
 use crate::error::{ModelError, Result};
 use crate::quantize::quantized_bytes;
@@ -288,10 +288,12 @@ impl Shared {
         let (w_gate, a) = read(&cold.w_gate);
         let (w_up, b) = read(&cold.w_up);
         let (w_down, c) = read(&cold.w_down);
+        // The file's order: transposing each fetch would cost more than it saves on a miss.
         let weights = ExpertWeights {
             w_gate,
             w_up,
             w_down,
+            order: WeightOrder::InOut,
         };
         (weights, (a + b + c) as u64)
     }

@@ -6,7 +6,7 @@
 use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use moe_core::{Experts, MoeLayer, MoeLayerConfig, SwiGluFfn};
+use moe_core::{Experts, MoeLayer, MoeLayerConfig, SwiGluFfn, WeightOrder};
 
 use crate::block::Ffn;
 use crate::config::FfnPlan;
@@ -33,6 +33,7 @@ pub fn replicate(ffn: &SwiGluFfn, n_experts: usize, noise: f64) -> Experts {
         w_up: copies(ffn.w_up.weight.val()),
         w_down: copies(ffn.w_down.weight.val()),
         source: None,
+        order: WeightOrder::InOut,
     }
 }
 

@@ -9,7 +9,8 @@ use burn::module::Module;
 use burn::prelude::*;
 use common::{Mixtral, small_config};
 use moe_core::testing::{assert_close, test_device, values};
-use moe_core::{MoeLayerConfig, RouterConfig};
+use moe_core::{MoeLayerConfig, RouterConfig, WeightOrder};
+use moe_model::block::Ffn;
 use moe_model::checkpoint::{self, CONFIG_FILE, WEIGHTS_FILE};
 use moe_model::generate::{Sampling, generate};
 use moe_model::{FfnPlan, KvCache, MoeLm, hf, merge, upcycle};
@@ -313,6 +314,49 @@ fn checkpoints_round_trip(#[values("flex", "ndarray", "wgpu")] backend: &str) {
     save_and_load_round_trip(&model, &tmp.path().join("ckpt"), &device);
 }
 
+/// The inference layout (routed experts `[out, in]` on host backends) gives the same logits,
+/// with and without the KV cache, and saves the same checkpoint.
+#[rstest]
+fn inference_layout_changes_nothing(#[values("flex", "ndarray", "wgpu")] backend: &str) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    let model = small_config().init(&device).unwrap();
+    let fast = model.clone().for_inference();
+    let order = if backend == "wgpu" {
+        WeightOrder::InOut
+    } else {
+        WeightOrder::OutIn
+    };
+    for block in &fast.blocks {
+        if let Ffn::Moe(layer) = &block.ffn {
+            assert_eq!(layer.experts.order, order);
+        }
+    }
+    let ids = [3, 14, 15, 9, 26, 5, 35, 8];
+    let expected = model.forward(tokens(&ids, &device), None).logits;
+    assert_close(
+        fast.forward(tokens(&ids, &device), None).logits,
+        expected.clone(),
+        1e-5,
+    );
+    let mut cache = KvCache::default();
+    let last = fast.forward_last(tokens(&ids[..5], &device), &mut cache);
+    let step = fast.forward_last(tokens(&ids[5..6], &device), &mut cache);
+    let [_, _, v] = expected.dims();
+    let at = |i: usize| {
+        expected
+            .clone()
+            .slice([0..1, i..i + 1, 0..v])
+            .reshape([1, v])
+    };
+    assert_close(last, at(4), 1e-4);
+    assert_close(step, at(5), 1e-4);
+
+    let tmp = tempfile::tempdir().unwrap();
+    save_and_load_round_trip(&fast, &tmp.path().join("ckpt"), &device);
+}
+
 #[test]
 fn checkpoint_save_is_atomic_and_refuses_to_overwrite() {
     let device = Device::flex();
@@ -443,6 +487,11 @@ fn hf_mixtral_import_matches_the_reference(
         Tensor::<1>::from_floats(flat.as_slice(), &device).reshape([1, ids.len(), m.vocab]);
     let ids: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
     let logits = model.forward(tokens(&ids, &device), None).logits;
+    assert_close(logits, expected.clone(), 1e-4);
+    let logits = model
+        .for_inference()
+        .forward(tokens(&ids, &device), None)
+        .logits;
     assert_close(logits, expected, 1e-4);
 }
 
