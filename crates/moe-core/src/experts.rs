@@ -6,6 +6,7 @@ use std::ops::Range;
 use burn::module::Param;
 use burn::nn::Initializer;
 use burn::prelude::*;
+use burn::tensor::DType;
 use burn::tensor::activation::silu;
 
 use crate::host::{map_on_cores, runs_on_host};
@@ -39,20 +40,19 @@ pub enum WeightOrder {
     #[default]
     InOut,
     /// `[out, in]`, as PyTorch and HF checkpoints: each output is a contiguous dot product, so
-    /// the few rows per expert of batched decoding multiply 1.5-2x faster on a host CPU
-    /// (docs/benchmarks.md). Inference only.
+    /// the few rows per expert of batched decoding multiply faster on a host CPU (measured in
+    /// docs/benchmarks.md). Inference only.
     OutIn,
 }
 
-/// One expert's weights. In [`WeightOrder::InOut`]: `w_gate`, `w_up` `[d_model, d_ff]` and
-/// `w_down` `[d_ff, d_model]`; in [`WeightOrder::OutIn`] each is transposed.
+/// One expert's weights, each transposed in [`WeightOrder::OutIn`].
 #[derive(Debug, Clone)]
 pub struct ExpertWeights {
-    /// Gate projection.
+    /// Gate projection: `[d_model, d_ff]` in `InOut`, `[d_ff, d_model]` in `OutIn`.
     pub w_gate: Tensor<2>,
-    /// Up projection.
+    /// Up projection: `[d_model, d_ff]` in `InOut`, `[d_ff, d_model]` in `OutIn`.
     pub w_up: Tensor<2>,
-    /// Down projection.
+    /// Down projection: `[d_ff, d_model]` in `InOut`, `[d_model, d_ff]` in `OutIn`.
     pub w_down: Tensor<2>,
     /// How the three are laid out.
     pub order: WeightOrder,
@@ -116,7 +116,7 @@ pub struct Experts {
     /// transposed view of an `[E, out, in]` buffer (see [`Experts::with_order`]). Their logical
     /// shapes, and so every other use of them, are the same in both orders.
     #[module(skip)]
-    pub order: WeightOrder,
+    order: WeightOrder,
 }
 
 impl ExpertsConfig {
@@ -143,6 +143,19 @@ impl ExpertsConfig {
 }
 
 impl Experts {
+    /// A resident bank of the given stacked weights, in [`WeightOrder::InOut`].
+    ///
+    /// w_gate, w_up: `[E, d_model, d_ff]`; w_down: `[E, d_ff, d_model]`
+    pub fn from_weights(w_gate: Tensor<3>, w_up: Tensor<3>, w_down: Tensor<3>) -> Self {
+        Self {
+            w_gate: Param::from_tensor(w_gate),
+            w_up: Param::from_tensor(w_up),
+            w_down: Param::from_tensor(w_down),
+            source: None,
+            order: WeightOrder::InOut,
+        }
+    }
+
     /// Number of experts.
     pub fn n_experts(&self) -> usize {
         self.w_gate.lazy_shape().dims::<3>()[0]
@@ -243,49 +256,59 @@ impl Experts {
         if let Some(source) = &self.source {
             return source.expert(i, device);
         }
-        let [_, d, f] = self.dims();
-        let slice = |w: &Param<Tensor<3>>, a, b| {
+        let slice = |w: &Param<Tensor<3>>| {
             let w = match self.order {
                 WeightOrder::InOut => w.val(),
                 WeightOrder::OutIn => w.val().swap_dims(1, 2),
             };
+            let [_, a, b] = w.dims();
             w.slice(i..i + 1).reshape([a, b])
         };
-        let (gate, down) = match self.order {
-            WeightOrder::InOut => ([d, f], [f, d]),
-            WeightOrder::OutIn => ([f, d], [d, f]),
-        };
         ExpertWeights {
-            w_gate: slice(&self.w_gate, gate[0], gate[1]),
-            w_up: slice(&self.w_up, gate[0], gate[1]),
-            w_down: slice(&self.w_down, down[0], down[1]),
+            w_gate: slice(&self.w_gate),
+            w_up: slice(&self.w_up),
+            w_down: slice(&self.w_down),
             order: self.order,
         }
     }
 
-    /// The bank with its parameters laid out in `order` (a copy of each, unless already so);
-    /// a paged bank is returned as it is. The function is unchanged, and the parameters keep
-    /// their ids and logical shapes, so the bank still saves and loads as before.
-    /// [`WeightOrder::OutIn`] speeds up inference on a host CPU; autodiff devices and training
-    /// should keep [`WeightOrder::InOut`].
+    /// How the bank's parameters sit in memory.
+    pub fn order(&self) -> WeightOrder {
+        self.order
+    }
+
+    /// The bank with its parameters copied into `order`, keeping their ids, dtype and logical
+    /// shapes: the function is unchanged, and the bank saves and loads as before.
+    /// [`WeightOrder::OutIn`] speeds up inference on a host CPU; training and autodiff devices
+    /// keep [`WeightOrder::InOut`] (an optimizer step writes `[in, out]` tensors again, which
+    /// stays correct, only slower). Returned as it is: a paged bank, and a bank whose dtype
+    /// `gemm` does not read through strides (bf16, which flex copies to contiguous on every
+    /// matmul, and quantised banks, whose blocks run along the last dimension).
     pub fn with_order(mut self, order: WeightOrder) -> Self {
-        if self.source.is_some() || self.order == order {
+        let strided = matches!(
+            self.w_gate.val().dtype(),
+            DType::F32 | DType::F64 | DType::F16
+        );
+        if self.source.is_some() || !strided {
             return self;
         }
-        for w in [&mut self.w_gate, &mut self.w_up, &mut self.w_down] {
-            let (id, value) = (w.id, w.val());
-            let device = value.device();
-            let relaid = match order {
-                // A contiguous `[E, out, in]` copy, seen through a transposed view.
-                WeightOrder::OutIn => {
-                    Tensor::<3>::from_data(value.swap_dims(1, 2).into_data(), &device)
-                        .swap_dims(1, 2)
-                }
-                WeightOrder::InOut => Tensor::from_data(value.into_data(), &device),
-            };
-            *w = Param::initialized(id, relaid);
-        }
+        let relay = |w: Param<Tensor<3>>| w.map(|value| relaid(value, order));
+        self.w_gate = relay(self.w_gate);
+        self.w_up = relay(self.w_up);
+        self.w_down = relay(self.w_down);
         self.order = order;
         self
+    }
+}
+
+/// A copy of `value` laid out in `order`: `[E, a, b]` contiguous, or a transposed view of a
+/// contiguous `[E, b, a]` buffer; same dtype, device and logical shape.
+fn relaid(value: Tensor<3>, order: WeightOrder) -> Tensor<3> {
+    let options = (&value.device(), value.dtype());
+    match order {
+        WeightOrder::InOut => Tensor::from_data(value.into_data(), options),
+        WeightOrder::OutIn => {
+            Tensor::<3>::from_data(value.swap_dims(1, 2).into_data(), options).swap_dims(1, 2)
+        }
     }
 }

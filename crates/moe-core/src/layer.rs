@@ -236,12 +236,18 @@ impl MoeLayer {
     }
 
     /// The same layer laid out for inference on its device: on a host CPU backend (flex or
-    /// ndarray without autodiff) a resident expert bank moves to [`WeightOrder::OutIn`], which
-    /// multiplies the few rows per expert of decoding 1.5-2x faster; elsewhere (wgpu,
-    /// autodiff) and for a paged bank nothing changes. The outputs are the same up to float
-    /// rounding. Do not train it.
+    /// ndarray without autodiff), where its experts run as exact segments, a resident f32 or
+    /// f16 bank moves to [`WeightOrder::OutIn`], which multiplies the few rows per expert of
+    /// decoding faster (docs/benchmarks.md). Elsewhere (wgpu, autodiff, padded or capacity
+    /// layouts, paged banks) nothing changes. The outputs are the same up to float rounding.
+    /// Do not train it.
     pub fn for_inference(mut self) -> Self {
-        if runs_on_host(&self.router.gate.weight.lazy_device()) {
+        let segments = !self.experts.is_paged()
+            && matches!(
+                self.layout_choice(false),
+                LayoutChoice::DroplessSegments | LayoutChoice::DroplessAuto
+            );
+        if segments && runs_on_host(&self.router.gate.weight.lazy_device()) {
             self.experts = self.experts.with_order(WeightOrder::OutIn);
         }
         self

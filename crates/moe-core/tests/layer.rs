@@ -4,11 +4,13 @@ mod common;
 
 use burn::module::{Module, Param};
 use burn::prelude::*;
+use burn::tensor::{DType, Distribution};
 use common::{HostMoe, random_input};
 use moe_core::experts::PARALLEL_MIN_MACS;
 use moe_core::testing::{assert_close, ints, test_device, values};
 use moe_core::{
-    ExpertCompute, MoeLayer, MoeLayerConfig, RouterConfig, RouterKind, SwiGluFfnConfig, WeightOrder,
+    ExpertCompute, Experts, MoeLayer, MoeLayerConfig, RouterConfig, RouterKind, SwiGluFfnConfig,
+    WeightOrder,
 };
 use rstest::rstest;
 
@@ -97,8 +99,9 @@ fn chains_on_cores_match_naive_reference(
     check_against_reference(&layer, t, 5, &device);
 }
 
-/// Experts laid out `[out, in]` compute the same layer, in every expert layout, in a small pass
-/// and in one whose chains run on the cores; back in `[in, out]` they hold the same values.
+/// Experts laid out `[out, in]` hold the same values and compute the same layer, in every
+/// expert layout, in a small pass and in one whose chains run on the cores; so they do back in
+/// `[in, out]`.
 #[rstest]
 fn out_in_order_matches_naive_reference(
     #[values("flex", "ndarray", "wgpu")] backend: &str,
@@ -112,15 +115,44 @@ fn out_in_order_matches_naive_reference(
     let mut layer = MoeLayerConfig::new(d, f, 8)
         .with_compute(compute)
         .init(&device);
-    let original = values(layer.experts.w_down.val());
+    let bank = |e: &Experts| [&e.w_gate, &e.w_up, &e.w_down].map(|w| values(w.val()));
+    let original = bank(&layer.experts);
     layer.experts = layer.experts.clone().with_order(WeightOrder::OutIn);
-    assert_eq!(layer.experts.order, WeightOrder::OutIn);
+    assert_eq!(layer.experts.order(), WeightOrder::OutIn);
     assert_eq!(layer.experts.dims(), [8, d, f]);
+    assert_eq!(bank(&layer.experts), original);
     check_against_reference(&layer, t, 3, &device);
 
-    let back = layer.experts.with_order(WeightOrder::InOut);
-    assert_eq!(back.order, WeightOrder::InOut);
-    assert_eq!(values(back.w_down.val()), original);
+    layer.experts = layer.experts.with_order(WeightOrder::InOut);
+    assert_eq!(layer.experts.order(), WeightOrder::InOut);
+    assert_eq!(bank(&layer.experts), original);
+    check_against_reference(&layer, t, 3, &device);
+}
+
+/// The layout keeps a bank's dtype; banks `gemm` cannot read through strides (bf16) keep
+/// theirs. Dtypes are the host backend's business: flex has all three.
+#[test]
+fn out_in_order_keeps_the_dtype() {
+    let device = Device::flex();
+    let layer = MoeLayerConfig::new(32, 64, 4).init(&device);
+    for (dtype, order) in [
+        (DType::F16, WeightOrder::OutIn),
+        (DType::BF16, WeightOrder::InOut),
+    ] {
+        let w = |p: &Param<Tensor<3>>| p.val().cast(dtype);
+        let e = &layer.experts;
+        let bank = Experts::from_weights(w(&e.w_gate), w(&e.w_up), w(&e.w_down));
+        let original = values(bank.w_up.val());
+        let relaid = bank.clone().with_order(WeightOrder::OutIn);
+        assert_eq!(relaid.order(), order, "{dtype:?}");
+        assert_eq!(relaid.w_up.val().dtype(), dtype);
+        assert_eq!(values(relaid.w_up.val()), original);
+        let x = Tensor::<2>::random([5, 32], Distribution::Default, &device).cast(dtype);
+        let reference = bank.expert(1, &device).forward(x.clone());
+        let out = relaid.expert(1, &device).forward(x);
+        assert_eq!(out.dtype(), dtype);
+        assert_close(out.cast(DType::F32), reference.cast(DType::F32), 0.05);
+    }
 }
 
 #[rstest]

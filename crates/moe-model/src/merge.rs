@@ -9,7 +9,7 @@
 
 use burn::module::{ModuleMapper, ModuleVisitor, Param};
 use burn::prelude::*;
-use moe_core::{Experts, MoeLayer, MoeLayerConfig, SwiGluFfn, WeightOrder};
+use moe_core::{Experts, MoeLayer, MoeLayerConfig, SwiGluFfn};
 
 use crate::block::Ffn;
 use crate::config::{FfnPlan, ModelConfig};
@@ -63,15 +63,13 @@ impl ModuleMapper for Replace {
 /// Stacks one dense FFN per branch into an expert bank `[E, ...]`.
 fn stack_ffns(ffns: &[&SwiGluFfn]) -> Experts {
     let stack = |w: &dyn Fn(&SwiGluFfn) -> Tensor<2>| {
-        Param::from_tensor(Tensor::stack::<3>(ffns.iter().map(|f| w(f)).collect(), 0))
+        Tensor::stack::<3>(ffns.iter().map(|f| w(f)).collect(), 0)
     };
-    Experts {
-        w_gate: stack(&|f| f.w_gate.weight.val()),
-        w_up: stack(&|f| f.w_up.weight.val()),
-        w_down: stack(&|f| f.w_down.weight.val()),
-        source: None,
-        order: WeightOrder::InOut,
-    }
+    Experts::from_weights(
+        stack(&|f| f.w_gate.weight.val()),
+        stack(&|f| f.w_up.weight.val()),
+        stack(&|f| f.w_down.weight.val()),
+    )
 }
 
 /// Merges dense branches into one MoE model with one expert per branch (in the given order),

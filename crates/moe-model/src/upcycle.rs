@@ -3,10 +3,9 @@
 //! k selected weights sum to 1 over identical experts, so the upcycled model computes exactly what
 //! the dense one did until training moves the copies apart (or noise is added).
 
-use burn::module::Param;
 use burn::prelude::*;
 use burn::tensor::Distribution;
-use moe_core::{Experts, MoeLayer, MoeLayerConfig, SwiGluFfn, WeightOrder};
+use moe_core::{Experts, MoeLayer, MoeLayerConfig, SwiGluFfn};
 
 use crate::block::Ffn;
 use crate::config::FfnPlan;
@@ -18,23 +17,20 @@ use crate::model::{MoeLm, init_seeded};
 pub fn replicate(ffn: &SwiGluFfn, n_experts: usize, noise: f64) -> Experts {
     let copies = |w: Tensor<2>| {
         let bank = w.unsqueeze_dim::<3>(0).repeat_dim(0, n_experts); // [E, a, b]
-        let bank = if noise > 0.0 {
+        if noise > 0.0 {
             let jitter = bank
                 .random_like(Distribution::Normal(0.0, noise))
                 .add_scalar(1.0);
             bank * jitter
         } else {
             bank
-        };
-        Param::from_tensor(bank)
+        }
     };
-    Experts {
-        w_gate: copies(ffn.w_gate.weight.val()),
-        w_up: copies(ffn.w_up.weight.val()),
-        w_down: copies(ffn.w_down.weight.val()),
-        source: None,
-        order: WeightOrder::InOut,
-    }
+    Experts::from_weights(
+        copies(ffn.w_gate.weight.val()),
+        copies(ffn.w_up.weight.val()),
+        copies(ffn.w_down.weight.val()),
+    )
 }
 
 /// Turns every dense FFN layer of `dense` into an MoE layer. `moe` gives the number of experts

@@ -315,7 +315,8 @@ fn checkpoints_round_trip(#[values("flex", "ndarray", "wgpu")] backend: &str) {
 }
 
 /// The inference layout (routed experts `[out, in]` on host backends) gives the same logits,
-/// with and without the KV cache, and saves the same checkpoint.
+/// with and without the KV cache, and saves the same weights file; on an autodiff device it
+/// changes nothing.
 #[rstest]
 fn inference_layout_changes_nothing(#[values("flex", "ndarray", "wgpu")] backend: &str) {
     let Some(device) = test_device(backend) else {
@@ -323,37 +324,52 @@ fn inference_layout_changes_nothing(#[values("flex", "ndarray", "wgpu")] backend
     };
     let model = small_config().init(&device).unwrap();
     let fast = model.clone().for_inference();
-    let order = if backend == "wgpu" {
-        WeightOrder::InOut
-    } else {
-        WeightOrder::OutIn
+    let orders = |m: &MoeLm| -> Vec<WeightOrder> {
+        m.blocks
+            .iter()
+            .filter_map(|b| match &b.ffn {
+                Ffn::Moe(layer) => Some(layer.experts.order()),
+                Ffn::Dense(_) => None,
+            })
+            .collect()
     };
-    for block in &fast.blocks {
-        if let Ffn::Moe(layer) = &block.ffn {
-            assert_eq!(layer.experts.order, order);
-        }
-    }
+    let host = backend != "wgpu";
+    let expected = if host {
+        WeightOrder::OutIn
+    } else {
+        WeightOrder::InOut
+    };
+    assert!(orders(&fast).iter().all(|&o| o == expected));
+    assert!(!orders(&fast).is_empty());
+    let autodiff = small_config().init(&device.clone().autodiff()).unwrap();
+    assert!(
+        orders(&autodiff.for_inference())
+            .iter()
+            .all(|&o| o == WeightOrder::InOut)
+    );
+
     let ids = [3, 14, 15, 9, 26, 5, 35, 8];
-    let expected = model.forward(tokens(&ids, &device), None).logits;
+    let logits = model.forward(tokens(&ids, &device), None).logits;
     assert_close(
         fast.forward(tokens(&ids, &device), None).logits,
-        expected.clone(),
+        logits.clone(),
         1e-5,
     );
     let mut cache = KvCache::default();
     let last = fast.forward_last(tokens(&ids[..5], &device), &mut cache);
     let step = fast.forward_last(tokens(&ids[5..6], &device), &mut cache);
-    let [_, _, v] = expected.dims();
-    let at = |i: usize| {
-        expected
-            .clone()
-            .slice([0..1, i..i + 1, 0..v])
-            .reshape([1, v])
-    };
+    let [_, _, v] = logits.dims();
+    let at = |i: usize| logits.clone().slice([0..1, i..i + 1, 0..v]).reshape([1, v]);
     assert_close(last, at(4), 1e-4);
     assert_close(step, at(5), 1e-4);
 
     let tmp = tempfile::tempdir().unwrap();
+    let weights = |m: &MoeLm, name: &str| {
+        let dir = tmp.path().join(name);
+        checkpoint::save(&dir, m, None, false).unwrap();
+        std::fs::read(dir.join(WEIGHTS_FILE)).unwrap()
+    };
+    assert!(weights(&fast, "fast") == weights(&model, "model"));
     save_and_load_round_trip(&fast, &tmp.path().join("ckpt"), &device);
 }
 
