@@ -15,6 +15,16 @@ use crate::host::{map_on_cores, runs_on_host};
 /// it (a few rows, as in generation) starting the workers costs more than it saves.
 pub const PARALLEL_MIN_MACS: usize = 1 << 23;
 
+/// Rows up to which an expert in [`WeightOrder::OutIn`] multiplies as `(W' x^T)^T`; above it as
+/// `x W'^T` (`W'^T` a strided view), which runs as fast as `[in, out]` there, where the former
+/// fell behind by up to 8% (docs/benchmarks.md).
+pub const OUT_IN_MAX_ROWS: usize = 128;
+
+/// Elements (`d_model * d_ff`) from which an expert's matrices are laid out `[out, in]` for
+/// inference ([`crate::MoeLayer::for_inference`]): smaller ones stay in a core's cache, where
+/// `[in, out]` multiplies as fast or faster at every row count (docs/benchmarks.md).
+pub const OUT_IN_MIN_ELEMENTS: usize = 1 << 18;
+
 /// Configuration of an [`Experts`] bank.
 #[derive(Config, Debug)]
 pub struct ExpertsConfig {
@@ -69,11 +79,16 @@ impl ExpertWeights {
                 let up = rows.matmul(self.w_up.clone()); // [n, f]
                 (gate * up).matmul(self.w_down.clone()) // [n, d]
             }
-            WeightOrder::OutIn => {
+            WeightOrder::OutIn if rows.dims()[0] <= OUT_IN_MAX_ROWS => {
                 let cols = rows.transpose(); // [d, n]
                 let gate = silu(self.w_gate.clone().matmul(cols.clone())); // [f, n]
                 let up = self.w_up.clone().matmul(cols); // [f, n]
                 self.w_down.clone().matmul(gate * up).transpose() // [n, d]
+            }
+            WeightOrder::OutIn => {
+                let gate = silu(rows.clone().matmul(self.w_gate.clone().transpose())); // [n, f]
+                let up = rows.matmul(self.w_up.clone().transpose()); // [n, f]
+                (gate * up).matmul(self.w_down.clone().transpose()) // [n, d]
             }
         }
     }

@@ -5,7 +5,7 @@ use burn::prelude::*;
 use crate::accounting::Accounting;
 use crate::dispatch::{LayoutChoice, TokenDispatch, capacity, expert_choice_apply};
 use crate::error::ConfigError;
-use crate::experts::{Experts, ExpertsConfig, WeightOrder};
+use crate::experts::{Experts, ExpertsConfig, OUT_IN_MIN_ELEMENTS, WeightOrder};
 use crate::ffn::{SwiGluFfn, SwiGluFfnConfig};
 use crate::host::runs_on_host;
 use crate::loss::{entropy_sum, load_balancing_loss, router_z_loss};
@@ -237,17 +237,20 @@ impl MoeLayer {
 
     /// The same layer laid out for inference on its device: on a host CPU backend (flex or
     /// ndarray without autodiff), where its experts run as exact segments, a resident f32 or
-    /// f16 bank moves to [`WeightOrder::OutIn`], which multiplies the few rows per expert of
-    /// decoding faster (docs/benchmarks.md). Elsewhere (wgpu, autodiff, padded or capacity
-    /// layouts, paged banks) nothing changes. The outputs are the same up to float rounding.
-    /// Do not train it.
+    /// f16 bank of experts of at least [`OUT_IN_MIN_ELEMENTS`] per matrix moves to
+    /// [`WeightOrder::OutIn`], which multiplies the few rows per expert of decoding faster
+    /// (docs/benchmarks.md). Elsewhere (wgpu, autodiff, padded or capacity layouts, paged banks,
+    /// small experts) nothing changes. The outputs are the same up to float rounding. Do not
+    /// train it.
     pub fn for_inference(mut self) -> Self {
+        let [_, d, f] = self.experts.dims();
         let segments = !self.experts.is_paged()
             && matches!(
                 self.layout_choice(false),
                 LayoutChoice::DroplessSegments | LayoutChoice::DroplessAuto
             );
-        if segments && runs_on_host(&self.router.gate.weight.lazy_device()) {
+        let host = runs_on_host(&self.router.gate.weight.lazy_device());
+        if segments && host && d * f >= OUT_IN_MIN_ELEMENTS {
             self.experts = self.experts.with_order(WeightOrder::OutIn);
         }
         self

@@ -7,7 +7,9 @@ use std::path::Path;
 
 use burn::module::Module;
 use burn::prelude::*;
+use burn::tensor::Distribution;
 use common::{Mixtral, small_config};
+use moe_core::experts::OUT_IN_MIN_ELEMENTS;
 use moe_core::testing::{assert_close, test_device, values};
 use moe_core::{MoeLayerConfig, RouterConfig, WeightOrder};
 use moe_model::block::Ffn;
@@ -314,45 +316,56 @@ fn checkpoints_round_trip(#[values("flex", "ndarray", "wgpu")] backend: &str) {
     save_and_load_round_trip(&model, &tmp.path().join("ckpt"), &device);
 }
 
-/// The inference layout (routed experts `[out, in]` on host backends) gives the same logits,
-/// with and without the KV cache, and saves the same weights file; on an autodiff device it
-/// changes nothing.
+/// Each MoE layer's expert order.
+fn orders(m: &MoeLm) -> Vec<WeightOrder> {
+    m.blocks
+        .iter()
+        .filter_map(|b| match &b.ffn {
+            Ffn::Moe(layer) => Some(layer.experts.order()),
+            Ffn::Dense(_) => None,
+        })
+        .collect()
+}
+
+/// The inference layout (routed experts `[out, in]` on host backends, for experts large enough)
+/// gives the same logits, with and without the KV cache, for few rows per expert and for many,
+/// and saves the same weights file; on an autodiff device, and for small experts, it changes
+/// nothing.
 #[rstest]
 fn inference_layout_changes_nothing(#[values("flex", "ndarray", "wgpu")] backend: &str) {
     let Some(device) = test_device(backend) else {
         return;
     };
-    let model = small_config().init(&device).unwrap();
-    let fast = model.clone().for_inference();
-    let orders = |m: &MoeLm| -> Vec<WeightOrder> {
-        m.blocks
-            .iter()
-            .filter_map(|b| match &b.ffn {
-                Ffn::Moe(layer) => Some(layer.experts.order()),
-                Ffn::Dense(_) => None,
-            })
-            .collect()
-    };
-    let host = backend != "wgpu";
-    let expected = if host {
-        WeightOrder::OutIn
-    } else {
-        WeightOrder::InOut
-    };
-    assert!(orders(&fast).iter().all(|&o| o == expected));
-    assert!(!orders(&fast).is_empty());
-    let autodiff = small_config().init(&device.clone().autodiff()).unwrap();
+    let small = small_config().init(&device).unwrap().for_inference();
+    assert!(orders(&small).iter().all(|&o| o == WeightOrder::InOut));
+    let config = small_config()
+        .with_moe(MoeLayerConfig::new(32, OUT_IN_MIN_ELEMENTS / 32, 4).with_n_shared_experts(1));
+    let autodiff = config.init(&device.clone().autodiff()).unwrap();
     assert!(
         orders(&autodiff.for_inference())
             .iter()
             .all(|&o| o == WeightOrder::InOut)
     );
+    let model = config.init(&device).unwrap();
+    let fast = model.clone().for_inference();
+    let expected = match backend {
+        "wgpu" => WeightOrder::InOut,
+        _ => WeightOrder::OutIn,
+    };
+    assert_eq!(orders(&fast), vec![expected; 2]);
 
+    // 8 tokens: a few rows per expert; 16 x 32: about 256, past `OUT_IN_MAX_ROWS`.
     let ids = [3, 14, 15, 9, 26, 5, 35, 8];
     let logits = model.forward(tokens(&ids, &device), None).logits;
     assert_close(
         fast.forward(tokens(&ids, &device), None).logits,
         logits.clone(),
+        1e-5,
+    );
+    let many = Tensor::<2, Int>::random([16, 32], Distribution::Uniform(0.0, 64.0), &device);
+    assert_close(
+        fast.forward(many.clone(), None).logits,
+        model.forward(many, None).logits,
         1e-5,
     );
     let mut cache = KvCache::default();
