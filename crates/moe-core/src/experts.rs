@@ -16,8 +16,8 @@ use crate::host::{map_on_cores, runs_on_host};
 pub const PARALLEL_MIN_MACS: usize = 1 << 23;
 
 /// Rows up to which an expert in [`WeightOrder::OutIn`] multiplies as `(W' x^T)^T`; above it as
-/// `x W'^T` (`W'^T` a strided view), which runs as fast as `[in, out]` there, where the former
-/// fell behind by up to 8% (docs/benchmarks.md).
+/// `x W'^T` (`W'^T` a strided view), which runs within 4% of `[in, out]` there, where the
+/// former fell behind by up to 8% (docs/benchmarks.md).
 pub const OUT_IN_MAX_ROWS: usize = 128;
 
 /// Elements (`d_model * d_ff`) from which an expert's matrices are laid out `[out, in]` for
@@ -294,7 +294,8 @@ impl Experts {
 
     /// The bank with its parameters copied into `order`, keeping their ids, dtype and logical
     /// shapes: the function is unchanged, and the bank saves and loads as before.
-    /// [`WeightOrder::OutIn`] speeds up inference on a host CPU; training and autodiff devices
+    /// [`WeightOrder::OutIn`] speeds up inference with large experts (see
+    /// [`OUT_IN_MIN_ELEMENTS`]) on a host CPU; training and autodiff devices
     /// keep [`WeightOrder::InOut`] (an optimizer step writes `[in, out]` tensors again, which
     /// stays correct, only slower). Returned as it is: a paged bank, and a bank whose dtype
     /// `gemm` does not read through strides (bf16, which flex copies to contiguous on every

@@ -6,7 +6,7 @@ use burn::module::{Module, Param};
 use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
 use common::{HostMoe, random_input};
-use moe_core::experts::PARALLEL_MIN_MACS;
+use moe_core::experts::{OUT_IN_MAX_ROWS, PARALLEL_MIN_MACS};
 use moe_core::testing::{assert_close, ints, test_device, values};
 use moe_core::{
     ExpertCompute, Experts, MoeLayer, MoeLayerConfig, RouterConfig, RouterKind, SwiGluFfnConfig,
@@ -123,6 +123,12 @@ fn out_in_order_matches_naive_reference(
     assert_eq!(layer.experts.dims(), [8, d, f]);
     assert_eq!(bank(&layer.experts), original);
     check_against_reference(&layer, t, 3, &device);
+    // With segments both products of an `[out, in]` expert run: up to `OUT_IN_MAX_ROWS` rows
+    // and above.
+    let (x, _) = random_input(t, d, 3, &device);
+    let load = layer.forward_tokens(x, None).stats.summary().load;
+    let busiest = load.iter().cloned().fold(0.0, f64::max);
+    assert_eq!(busiest > OUT_IN_MAX_ROWS as f64, t > 100, "{load:?}");
 
     layer.experts = layer.experts.with_order(WeightOrder::InOut);
     assert_eq!(layer.experts.order(), WeightOrder::InOut);
@@ -148,11 +154,14 @@ fn out_in_order_keeps_the_dtype() {
         assert_eq!(relaid.order(), order, "{dtype:?}");
         assert_eq!(relaid.w_up.val().dtype(), dtype);
         assert_eq!(values(relaid.w_up.val()), original);
-        let x = Tensor::<2>::random([5, 32], Distribution::Default, &device).cast(dtype);
-        let reference = bank.expert(1, &device).forward(x.clone());
-        let out = relaid.expert(1, &device).forward(x);
-        assert_eq!(out.dtype(), dtype);
-        assert_close(out.cast(DType::F32), reference.cast(DType::F32), 0.05);
+        // A few rows, and more than `OUT_IN_MAX_ROWS`: both products.
+        for rows in [5, 2 * OUT_IN_MAX_ROWS] {
+            let x = Tensor::<2>::random([rows, 32], Distribution::Default, &device).cast(dtype);
+            let reference = bank.expert(1, &device).forward(x.clone());
+            let out = relaid.expert(1, &device).forward(x);
+            assert_eq!(out.dtype(), dtype);
+            assert_close(out.cast(DType::F32), reference.cast(DType::F32), 0.05);
+        }
     }
 }
 

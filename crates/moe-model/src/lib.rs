@@ -17,7 +17,7 @@
 //! let tokens = Tensor::<2, Int>::from_ints([[72, 105, 33]], &device);
 //! let out = model.forward(tokens, None);
 //! assert_eq!(out.logits.dims(), [1, 3, 256]);
-//! // For inference only: routed experts laid out [out, in] on host CPUs (faster batched decode).
+//! // For inference only: large routed experts laid out [out, in] on host CPUs (faster decode).
 //! let model = model.for_inference();
 //! let new_tokens = generate(&model, &[72, 105], 8, &Sampling::greedy(), &[]).unwrap();
 //! ```

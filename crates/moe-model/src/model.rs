@@ -187,9 +187,10 @@ impl MoeLm {
     }
 
     /// The same model laid out for inference on its device: every MoE layer as
-    /// [`moe_core::MoeLayer::for_inference`] gives it (routed experts `[out, in]` on a host
-    /// CPU backend, which speeds up batched decoding; nothing changes elsewhere). The outputs
-    /// are the same up to float rounding, and the model still saves as before. Do not train it.
+    /// [`moe_core::MoeLayer::for_inference`] gives it (large routed experts `[out, in]` on a
+    /// host CPU backend, which speeds up batched decoding; nothing changes elsewhere). The
+    /// outputs are the same up to float rounding, and the model still saves as before. Do not
+    /// train it.
     pub fn for_inference(mut self) -> Self {
         for block in &mut self.blocks {
             if let Ffn::Moe(layer) = &mut block.ffn {

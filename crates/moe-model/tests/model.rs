@@ -337,14 +337,13 @@ fn inference_layout_changes_nothing(#[values("flex", "ndarray", "wgpu")] backend
         return;
     };
     let small = small_config().init(&device).unwrap().for_inference();
-    assert!(orders(&small).iter().all(|&o| o == WeightOrder::InOut));
+    assert_eq!(orders(&small), vec![WeightOrder::InOut; 2]);
     let config = small_config()
         .with_moe(MoeLayerConfig::new(32, OUT_IN_MIN_ELEMENTS / 32, 4).with_n_shared_experts(1));
     let autodiff = config.init(&device.clone().autodiff()).unwrap();
-    assert!(
-        orders(&autodiff.for_inference())
-            .iter()
-            .all(|&o| o == WeightOrder::InOut)
+    assert_eq!(
+        orders(&autodiff.for_inference()),
+        vec![WeightOrder::InOut; 2]
     );
     let model = config.init(&device).unwrap();
     let fast = model.clone().for_inference();

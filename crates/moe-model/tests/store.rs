@@ -119,7 +119,9 @@ fn paged_models_match_the_resident_model_bit_for_bit(
         assert!(misses >= 1 && hits + misses > 0);
         if experts == all {
             assert!(misses <= all as u64, "each expert read once: {misses}");
-        } else {
+        } else if !prefetch {
+            // With prefetching, a use may wait for its expert's read still in flight (a miss):
+            // whether any use finds its expert already in depends on timing.
             assert!(hits > 0 || experts == 2, "{experts}: no hits");
         }
     }
