@@ -301,11 +301,15 @@ impl Experts {
     /// `gemm` does not read through strides (bf16, which flex copies to contiguous on every
     /// matmul, and quantised banks, whose blocks run along the last dimension).
     pub fn with_order(mut self, order: WeightOrder) -> Self {
+        // A paged bank's parameters stay lazy: reading one would allocate the whole bank.
+        if self.source.is_some() {
+            return self;
+        }
         let strided = matches!(
             self.w_gate.val().dtype(),
             DType::F32 | DType::F64 | DType::F16
         );
-        if self.source.is_some() || !strided {
+        if !strided {
             return self;
         }
         let relay = |w: Param<Tensor<3>>| w.map(|value| relaid(value, order));

@@ -244,11 +244,10 @@ impl MoeLayer {
     /// train it.
     pub fn for_inference(mut self) -> Self {
         let [_, d, f] = self.experts.dims();
-        let segments = !self.experts.is_paged()
-            && matches!(
-                self.layout_choice(false),
-                LayoutChoice::DroplessSegments | LayoutChoice::DroplessAuto
-            );
+        let segments = matches!(
+            self.layout_choice(false),
+            LayoutChoice::DroplessSegments | LayoutChoice::DroplessAuto
+        );
         let host = runs_on_host(&self.router.gate.weight.lazy_device());
         if segments && host && d * f >= OUT_IN_MIN_ELEMENTS {
             self.experts = self.experts.with_order(WeightOrder::OutIn);

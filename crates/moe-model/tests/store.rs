@@ -4,7 +4,7 @@
 
 use burn::prelude::*;
 use moe_core::testing::{test_device, values};
-use moe_core::{CachePolicy, ExpertCompute, MoeLayerConfig, RouterConfig};
+use moe_core::{CachePolicy, ExpertCompute, MoeLayerConfig, RouterConfig, WeightOrder};
 use moe_model::block::Ffn;
 use moe_model::generate::{Sampling, generate};
 use moe_model::quantize::{ExpertQuant, quantize_experts};
@@ -85,6 +85,19 @@ fn paged_models_match_the_resident_model_bit_for_bit(
         let unset = weights::unset_params(&ckpt.model);
         assert_eq!(unset.len(), 3 * LAYERS, "only the routed experts stay out");
         assert!(unset.iter().all(|n| n.contains("experts.w_")), "{unset:?}");
+        // Relaying a paged bank out is a no-op that leaves its parameters lazy.
+        let mut relaid = ckpt.model.clone();
+        for block in &mut relaid.blocks {
+            if let Ffn::Moe(moe) = &mut block.ffn {
+                moe.experts = moe.experts.clone().with_order(WeightOrder::OutIn);
+                assert_eq!(moe.experts.order(), WeightOrder::InOut);
+            }
+        }
+        assert_eq!(
+            weights::unset_params(&relaid),
+            unset,
+            "a paged bank stays lazy"
+        );
         let got = run(&ckpt.model);
         store.settle();
         let what = format!("{backend}, {experts} experts, {policy:?}, prefetch {prefetch}");
