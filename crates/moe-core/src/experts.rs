@@ -10,6 +10,7 @@ use burn::tensor::DType;
 use burn::tensor::activation::silu;
 
 use crate::host::{map_on_cores, runs_on_host};
+use crate::kernels;
 
 /// Multiply-adds of a segments pass from which its expert chains run on several cores: below
 /// it (a few rows, as in generation) starting the workers costs more than it saves.
@@ -69,10 +70,18 @@ pub struct ExpertWeights {
 }
 
 impl ExpertWeights {
-    /// The expert on its rows: `silu(x W_gate) * (x W_up) W_down`.
+    /// The expert on its rows: `silu(x W_gate) * (x W_up) W_down`. On flex, an expert in
+    /// [`WeightOrder::OutIn`] on [`kernels::SWIGLU_MIN_ROWS`] to [`kernels::SWIGLU_MAX_ROWS`]
+    /// f32 rows (batched decoding) runs the host kernel [`kernels::swiglu_out_in`]; the rest
+    /// run Burn's matmuls.
     ///
     /// rows: `[n, d_model]` -> `[n, d_model]`
     pub fn forward(&self, rows: Tensor<2>) -> Tensor<2> {
+        if self.order == WeightOrder::OutIn
+            && let Some(out) = kernels::swiglu_tensor(&rows, &self.w_gate, &self.w_up, &self.w_down)
+        {
+            return out;
+        }
         match self.order {
             WeightOrder::InOut => {
                 let gate = silu(rows.clone().matmul(self.w_gate.clone())); // [n, f]

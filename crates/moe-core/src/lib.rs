@@ -33,6 +33,7 @@ pub mod error;
 pub mod experts;
 pub mod ffn;
 pub mod host;
+pub mod kernels;
 pub mod layer;
 pub mod loss;
 pub mod router;

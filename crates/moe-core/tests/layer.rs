@@ -7,10 +7,11 @@ use burn::prelude::*;
 use burn::tensor::{DType, Distribution};
 use common::{HostMoe, random_input};
 use moe_core::experts::{OUT_IN_MAX_ROWS, PARALLEL_MIN_MACS};
+use moe_core::kernels::{HostF32, SWIGLU_MAX_ROWS, SWIGLU_MIN_ROWS, swiglu_tensor};
 use moe_core::testing::{assert_close, ints, test_device, values};
 use moe_core::{
-    ExpertCompute, Experts, MoeLayer, MoeLayerConfig, RouterConfig, RouterKind, SwiGluFfnConfig,
-    WeightOrder,
+    ExpertCompute, Experts, ExpertsConfig, MoeLayer, MoeLayerConfig, RouterConfig, RouterKind,
+    SwiGluFfnConfig, WeightOrder,
 };
 use rstest::rstest;
 
@@ -134,6 +135,35 @@ fn out_in_order_matches_naive_reference(
     assert_eq!(layer.experts.order(), WeightOrder::InOut);
     assert_eq!(bank(&layer.experts), original);
     check_against_reference(&layer, t, 3, &device);
+}
+
+/// A few rows of an `[out, in]` expert run the host kernel on flex (Burn's matmuls on the other
+/// backends, for one row and past `SWIGLU_MAX_ROWS` rows) and compute what the `[in, out]`
+/// expert computes.
+#[rstest]
+fn few_rows_of_an_out_in_expert_run_the_host_kernel_on_flex(
+    #[values("flex", "ndarray", "wgpu")] backend: &str,
+) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    let bank = ExpertsConfig::new(48, 80, 3).init(&device);
+    let relaid = bank.clone().with_order(WeightOrder::OutIn);
+    let expert = relaid.expert(2, &device);
+    for rows in [1, 3, SWIGLU_MAX_ROWS, SWIGLU_MAX_ROWS + 1] {
+        let x = Tensor::<2>::random([rows, 48], Distribution::Default, &device);
+        let kernel = swiglu_tensor(&x, &expert.w_gate, &expert.w_up, &expert.w_down);
+        assert_eq!(
+            kernel.is_some(),
+            backend == "flex" && (SWIGLU_MIN_ROWS..=SWIGLU_MAX_ROWS).contains(&rows),
+            "{rows} rows"
+        );
+        let reference = bank.expert(2, &device).forward(x.clone());
+        assert_close(expert.forward(x), reference, 1e-5);
+    }
+    // Autodiff tensors keep Burn's ops.
+    let x = Tensor::<2>::random([2, 48], Distribution::Default, &device.clone().autodiff());
+    assert!(HostF32::of(&x).is_none());
 }
 
 /// The layout keeps a bank's dtype; banks `gemm` cannot read through strides (bf16) keep

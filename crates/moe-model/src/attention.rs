@@ -5,6 +5,8 @@ use burn::prelude::*;
 use burn::tensor::module::{attention, attention_fallback};
 use burn::tensor::ops::AttentionModuleOptions;
 use moe_core::host::runs_on_host;
+use moe_core::kernels::{HostF32, KvRows, decode_attention, host_tensor};
+use std::borrow::Cow;
 
 use crate::config::{ModelConfig, QkNorm};
 use crate::kv_cache::LayerCache;
@@ -23,6 +25,10 @@ pub struct Positions {
     pub key_mask: Option<Tensor<2, Bool>>,
     /// Positions a layer's cache allocates for at least.
     pub reserve: usize,
+    /// Each row's left padding when the key mask is the cache's padding (what the host decode
+    /// kernel reads instead of the mask); `None` when no row is padded or the mask came from
+    /// the caller.
+    pub pads: Option<Vec<usize>>,
 }
 
 /// Multi-head attention with `n_kv_heads` key/value heads shared by groups of query heads.
@@ -140,9 +146,10 @@ impl Attention {
     /// Burn's fused attention runs it (flex has its own kernel; the other backends compose it
     /// from matmuls), except for one new token on a host backend: in a decode step `k` and `v`
     /// are views of the first positions of the cache's buffers, which flex's kernel copies to
-    /// contiguous memory first (every key and value, every step), while its matmuls read strided
-    /// views in place. The composition from matmuls computes the same thing (in the tensors'
-    /// dtype; models run in f32).
+    /// contiguous memory first (every key and value, every step). On flex in f32 the host
+    /// kernel [`decode_attention`] reads them in place instead; ndarray composes the attention
+    /// from matmuls, which also read strided views in place. All compute the same thing (in the
+    /// tensors' dtype; models run in f32).
     ///
     /// q: `[batch, h, seq, hd]`; k, v: `[batch, kvh, total, hd]` -> `[batch, h, seq, hd]`
     fn grouped(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, at: &Positions) -> Tensor<4> {
@@ -151,6 +158,13 @@ impl Attention {
         let g = h / kvh;
         // Query head j * g + i reads key/value head j: row i * s + p of the folded queries.
         let q = q.reshape([b, kvh, g * s, hd]);
+        let unmasked = at.key_mask.is_none() || at.pads.is_some();
+        if s == 1
+            && unmasked
+            && let Some(out) = host_decode(&q, &k, &v, at.pads.as_deref(), self.scale as f32)
+        {
+            return out.reshape([b, h, s, hd]);
+        }
         let mask = blocked(at, b, g, s, total).map(|m| m.expand([b, kvh, g * s, total]));
         let options = AttentionModuleOptions {
             scale: Some(self.scale),
@@ -163,6 +177,31 @@ impl Attention {
         };
         out.reshape([b, h, s, hd])
     }
+}
+
+/// One new token per row on flex: [`decode_attention`] reads the cache's buffers in place,
+/// skipping each row's first `first[r]` (padding) columns. `None` when a tensor is not an f32
+/// flex tensor (other backends, dtypes, autodiff) or its positions are not contiguous rows.
+///
+/// q: `[batch, kvh, g, hd]`; k, v: `[batch, kvh, total, hd]` -> `[batch, kvh, g, hd]`
+fn host_decode(
+    q: &Tensor<4>,
+    k: &Tensor<4>,
+    v: &Tensor<4>,
+    first: Option<&[usize]>,
+    scale: f32,
+) -> Option<Tensor<4>> {
+    let dims = q.dims();
+    let total = k.dims()[2];
+    let host_q = HostF32::of(q)?;
+    let queries = match host_q.contiguous() {
+        Some(q) => Cow::Borrowed(q),
+        None => Cow::Owned(q.clone().into_data().try_into_vec::<f32>().ok()?),
+    };
+    let (keys, values) = (HostF32::of(k)?, HostF32::of(v)?);
+    let [keys, values] = [&keys, &values].map(|t| KvRows::of(t, dims[3]));
+    let out = decode_attention(&queries, dims, keys?, values?, total, first, scale);
+    Some(host_tensor(out, dims))
 }
 
 /// The keys each folded query row may not see, `[batch or 1, 1, g * seq, total]`: later columns
@@ -192,4 +231,55 @@ fn blocked(at: &Positions, b: usize, g: usize, s: usize, total: usize) -> Option
             .expand([rows, 1, g, s, total])
             .reshape([rows, 1, g * s, total]),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moe_core::testing::{assert_close, test_device};
+    use rstest::rstest;
+
+    /// On flex the host kernel runs one new token per row against a cache buffer with spare
+    /// positions (a strided view) and left padding, and equals Burn's attention with the
+    /// padding as a mask; other backends leave it to Burn.
+    #[rstest]
+    fn host_decode_reads_the_cache_in_place_on_flex(
+        #[values("flex", "ndarray", "wgpu")] backend: &str,
+    ) {
+        let Some(device) = test_device(backend) else {
+            return;
+        };
+        let (b, kvh, g, hd, total, cap) = (3, 2, 4, 16, 11, 16);
+        let random = |shape: [usize; 4]| {
+            Tensor::<4>::random(shape, burn::tensor::Distribution::Default, &device)
+        };
+        let q = random([b, kvh, g, hd]);
+        let view = |t: Tensor<4>| t.slice([0..b, 0..kvh, 0..total, 0..hd]);
+        let (k, v) = (
+            view(random([b, kvh, cap, hd])),
+            view(random([b, kvh, cap, hd])),
+        );
+        let pads = [0, 3, 10];
+        let scale = 0.3;
+        let got = host_decode(&q, &k, &v, Some(&pads), scale);
+        assert_eq!(got.is_some(), backend == "flex");
+        let Some(got) = got else {
+            return;
+        };
+        let blocked: Vec<bool> = (0..b)
+            .flat_map(|r| (0..g).flat_map(move |_| (0..total).map(move |c| c < pads[r])))
+            .collect();
+        let mask = Tensor::<1, Bool>::from_data(blocked.as_slice(), &device)
+            .reshape([b, 1, g, total])
+            .expand([b, kvh, g, total]);
+        let options = AttentionModuleOptions {
+            scale: Some(scale as f64),
+            ..Default::default()
+        };
+        assert_close(
+            got,
+            attention_fallback(q, k, v, Some(mask), None, options),
+            1e-5,
+        );
+    }
 }

@@ -277,6 +277,7 @@ impl MoeLm {
             start: 0,
             key_mask: mask,
             reserve: 0,
+            pads: None,
         }
     }
 
@@ -320,12 +321,17 @@ impl MoeLm {
                 table.gather(ids)
             }
         };
+        let pads = match mask {
+            None => cache.pads().map(<[usize]>::to_vec),
+            Some(_) => None,
+        };
         Positions {
             cos,
             sin,
             start,
             key_mask: mask.or_else(|| cache.key_mask(start + s, &device)),
             reserve: cache.reserve(),
+            pads,
         }
     }
 

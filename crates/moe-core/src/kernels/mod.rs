@@ -1,0 +1,33 @@
+//! Host SIMD kernels for the products of a decode step on flex.
+//!
+//! Decoding multiplies each weight by a few rows and each cached key by one query. gemm, built
+//! for large tiles, runs those at a fraction of the memory bandwidth (docs/benchmarks.md); these
+//! kernels stream every weight row and cached key once for all rows, on every core, vectorised
+//! for the CPU found at run time (pulp: AVX2 and FMA on x86-64, NEON on aarch64, scalar
+//! elsewhere). They read flex tensors in place ([`HostF32`]) and work on slices; every other
+//! backend, dtype and autodiff keeps Burn's ops.
+//!
+//! - [`swiglu_out_in`]: one expert in [`WeightOrder::OutIn`](crate::WeightOrder) on
+//!   [`SWIGLU_MIN_ROWS`] to [`SWIGLU_MAX_ROWS`] rows (batched decoding, short prompts), used by
+//!   [`ExpertWeights::forward`](crate::ExpertWeights).
+//! - [`decode_attention`]: one new query per row against its row's cached keys and values.
+
+mod attention;
+mod dot;
+mod exp;
+mod host;
+mod swiglu;
+
+pub use attention::{KvRows, decode_attention};
+pub use dot::dots;
+pub use exp::exp;
+pub use host::{HostF32, host_tensor};
+pub use swiglu::{SWIGLU_MAX_ROWS, SWIGLU_MIN_ROWS, swiglu_out_in, swiglu_tensor};
+
+use std::sync::OnceLock;
+
+/// The instruction set of this CPU, detected once.
+pub fn arch() -> pulp::Arch {
+    static ARCH: OnceLock<pulp::Arch> = OnceLock::new();
+    *ARCH.get_or_init(pulp::Arch::new)
+}
