@@ -3,7 +3,7 @@
 use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
 
-use super::{HostF32, arch, dots, exp};
+use super::{HostF32, against_rows, arch, exp};
 
 /// Cached keys (elements, all heads together) from which the heads are shared among threads:
 /// below it waking a second thread costs more than the whole step (about 15 us against 3 at 16
@@ -118,29 +118,13 @@ impl WithSimd for Head<'_> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, s: S) -> Self::Output {
         let (g, hd, n) = (self.g, self.keys.head_dim, self.positions.len());
-        let query = |i: usize| &self.q[i * hd..(i + 1) * hd];
         // Scores, then probabilities, [g, n].
         let mut p = vec![0.0f32; g * n];
         for (col, t) in self.positions.clone().enumerate() {
             let key = self.keys.at(self.b, self.h, t);
-            let mut i = 0;
-            while i < g {
-                let take = (g - i).min(4);
-                let mut put = |k: usize, v: f32| p[(i + k) * n + col] = v * self.scale;
-                match take {
-                    4 => spread(
-                        dots(s, [key], core::array::from_fn::<_, 4, _>(|k| query(i + k))),
-                        &mut put,
-                    ),
-                    3 => spread(
-                        dots(s, [key], core::array::from_fn::<_, 3, _>(|k| query(i + k))),
-                        &mut put,
-                    ),
-                    2 => spread(dots(s, [key], [query(i), query(i + 1)]), &mut put),
-                    _ => spread(dots(s, [key], [query(i)]), &mut put),
-                }
-                i += take;
-            }
+            against_rows(s, [key], self.q, hd, |i, [v]| {
+                p[i * n + col] = v * self.scale
+            });
         }
         let mut norm = vec![0.0f32; g];
         for (row, norm) in p.chunks_exact_mut(n.max(1)).zip(&mut norm) {
@@ -160,14 +144,6 @@ impl WithSimd for Head<'_> {
         for (out, norm) in self.out.chunks_exact_mut(hd).zip(norm) {
             out.iter_mut().for_each(|x| *x *= norm);
         }
-    }
-}
-
-/// Hands a `[1, R]` block of products to `put`, by column.
-#[inline(always)]
-fn spread<const R: usize>(block: [[f32; R]; 1], put: &mut impl FnMut(usize, f32)) {
-    for (k, v) in block[0].into_iter().enumerate() {
-        put(k, v);
     }
 }
 

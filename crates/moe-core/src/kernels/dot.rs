@@ -36,6 +36,52 @@ pub fn dots<S: Simd, const W: usize, const R: usize>(
     out
 }
 
+/// `put(r, [ws[0] · x_r, ..])` for every row r of `x` (`[n, len]`), rows taken four at a time.
+#[inline(always)]
+pub(crate) fn against_rows<S: Simd, const W: usize>(
+    s: S,
+    ws: [&[f32]; W],
+    x: &[f32],
+    len: usize,
+    mut put: impl FnMut(usize, [f32; W]),
+) {
+    let n = x.len() / len;
+    let row = |r: usize| &x[r * len..(r + 1) * len];
+    let mut r = 0;
+    while r < n {
+        let take = (n - r).min(4);
+        match take {
+            4 => emit(
+                dots(s, ws, core::array::from_fn::<_, 4, _>(|k| row(r + k))),
+                r,
+                &mut put,
+            ),
+            3 => emit(
+                dots(s, ws, core::array::from_fn::<_, 3, _>(|k| row(r + k))),
+                r,
+                &mut put,
+            ),
+            2 => emit(
+                dots(s, ws, core::array::from_fn::<_, 2, _>(|k| row(r + k))),
+                r,
+                &mut put,
+            ),
+            _ => emit(dots(s, ws, [row(r)]), r, &mut put),
+        }
+        r += take;
+    }
+}
+
+/// Hands a block of products to `put`, row by row.
+#[inline(always)]
+fn emit<const W: usize, const R: usize>(
+    block: [[f32; R]; W],
+    r0: usize,
+    put: &mut impl FnMut(usize, [f32; W]),
+) {
+    (0..R).for_each(|r| put(r0 + r, core::array::from_fn(|w| block[w][r])));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

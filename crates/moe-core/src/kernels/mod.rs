@@ -19,6 +19,7 @@ mod host;
 mod swiglu;
 
 pub use attention::{KvRows, decode_attention};
+use dot::against_rows;
 pub use dot::dots;
 pub use exp::exp;
 pub use host::{HostF32, host_tensor};

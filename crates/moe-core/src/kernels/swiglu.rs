@@ -6,7 +6,7 @@ use burn::prelude::*;
 use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
 
-use super::{HostF32, arch, dots, exp, host_tensor};
+use super::{HostF32, against_rows, arch, exp, host_tensor};
 
 /// Rows from which [`swiglu_tensor`] runs an expert. One row is a matrix-vector product, which
 /// flex already runs at the memory's speed (its gemv was 10-20% faster than this kernel's
@@ -171,52 +171,6 @@ impl WithSimd for Down<'_> {
             against_rows(s, [w], self.hidden, f, |r, [v]| out[r] = v);
         }
     }
-}
-
-/// `put(r, [ws[0] · x_r, ..])` for every row r of `x` (`[n, len]`), rows taken four at a time.
-#[inline(always)]
-fn against_rows<S: Simd, const W: usize>(
-    s: S,
-    ws: [&[f32]; W],
-    x: &[f32],
-    len: usize,
-    mut put: impl FnMut(usize, [f32; W]),
-) {
-    let n = x.len() / len;
-    let row = |r: usize| &x[r * len..(r + 1) * len];
-    let mut r = 0;
-    while r < n {
-        let take = (n - r).min(4);
-        match take {
-            4 => emit(
-                dots(s, ws, core::array::from_fn::<_, 4, _>(|k| row(r + k))),
-                r,
-                &mut put,
-            ),
-            3 => emit(
-                dots(s, ws, core::array::from_fn::<_, 3, _>(|k| row(r + k))),
-                r,
-                &mut put,
-            ),
-            2 => emit(
-                dots(s, ws, core::array::from_fn::<_, 2, _>(|k| row(r + k))),
-                r,
-                &mut put,
-            ),
-            _ => emit(dots(s, ws, [row(r)]), r, &mut put),
-        }
-        r += take;
-    }
-}
-
-/// Hands a block of products to `put`, row by row.
-#[inline(always)]
-fn emit<const W: usize, const R: usize>(
-    block: [[f32; R]; W],
-    r0: usize,
-    put: &mut impl FnMut(usize, [f32; W]),
-) {
-    (0..R).for_each(|r| put(r0 + r, core::array::from_fn(|w| block[w][r])));
 }
 
 /// `x * sigmoid(x)`, with the inlined [`exp`] rather than a call to the C library's.
