@@ -230,14 +230,10 @@ fn measure(a: &BenchArgs, name: &str) -> anyhow::Result<Measured> {
 
 /// Runs `moe bench`.
 pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
-    if a.decode.is_some() {
-        crate::tune_allocator_for_inference();
-    } else {
-        anyhow::ensure!(
-            !a.budget.is_set(),
-            "--expert-budget applies to a checkpoint: use it with --decode CKPT"
-        );
-    }
+    anyhow::ensure!(
+        a.decode.is_some() || !a.budget.is_set(),
+        "--expert-budget applies to a checkpoint: use it with --decode CKPT"
+    );
     // Bad names fail before anything is measured.
     for name in &a.device {
         name.parse::<moe_core::DeviceSpec>()?;

@@ -63,6 +63,31 @@ enum Command {
     CacheSim(trace_cmds::CacheSimArgs),
 }
 
+impl Command {
+    /// Whether the command trains, evaluates or runs a model (rather than reading, converting or
+    /// writing checkpoints and traces).
+    fn runs_a_model(&self) -> bool {
+        match self {
+            Command::Train(_)
+            | Command::Eval(_)
+            | Command::Compare(_)
+            | Command::Branch(_)
+            | Command::Merge(_)
+            | Command::Btm(_)
+            | Command::Generate(_)
+            | Command::Logits(_)
+            | Command::Bench(_)
+            | Command::Trace(_) => true,
+            Command::Inspect(_)
+            | Command::ImportHf(_)
+            | Command::Upcycle(_)
+            | Command::Export(_)
+            | Command::Quantize(_)
+            | Command::CacheSim(_) => false,
+        }
+    }
+}
+
 fn main() -> ExitCode {
     // A bug must still end in one line, not a backtrace.
     std::panic::set_hook(Box::new(|info| {
@@ -87,6 +112,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if cli.command.runs_a_model() {
+        tune_allocator();
+    }
     let result = match cli.command {
         Command::Train(a) => train_cmds::train(a),
         Command::Eval(a) => train_cmds::eval(a),
@@ -134,14 +162,20 @@ fn one_line(e: &anyhow::Error) -> String {
     line.replace('\n', " ")
 }
 
-/// Keeps glibc's allocator from returning memory to the system between decode steps. With its
-/// defaults, the buffers a decode step frees (KV caches grown by concatenation, K/V repeated per
-/// head) are unmapped or trimmed and faulted back in at the next step: at a 1024-token context a
-/// 890M-parameter MoE decoded at 10 tokens/s instead of 25-29, depending on what ran before.
+/// Keeps glibc's allocator from returning memory to the system between steps. With its
+/// defaults, every large buffer a step frees (a `[2048, 2048]` matmul output, an expert's hidden
+/// state, a decode step's KV views) is unmapped or trimmed and faulted back in, page by page, at
+/// the next step:
+/// - at a 1024-token context a 890M-parameter MoE decoded at 10 tokens/s instead of 25-29,
+///   depending on what had run before;
+/// - a `[2048, 512] x [512, 2048]` matmul on flex took 36 ms instead of 25 (8,200 page faults a
+///   call), and 100 training steps of the default model took 8% longer (docs/benchmarks.md).
+///
 /// Allocations below 64 MiB come from the heap, and up to 128 MiB of freed heap is kept (1 GiB
-/// kept decode as fast but raised the peak memory under an expert budget by 12%).
-/// Inference commands call it; imports do not need it.
-pub(crate) fn tune_allocator_for_inference() {
+/// kept decode as fast but raised the peak memory under an expert budget by 12%). Commands that
+/// run a model call it ([`Command::runs_a_model`]); imports and conversions, whose peak memory
+/// is the target, keep glibc's defaults.
+fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; called before the model is built.
     unsafe {

@@ -151,7 +151,6 @@ impl<'a> TextStream<'a> {
 
 /// Runs `moe generate`.
 pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
-    crate::tune_allocator_for_inference();
     let device = crate::device(&a.device)?;
     let (ckpt, store) = a.budget.load(&a.checkpoint, &device)?;
     let vocab_size = ckpt.model.config.vocab_size;
@@ -280,7 +279,6 @@ pub struct LogitsArgs {
 
 /// Runs `moe logits`.
 pub fn logits(a: LogitsArgs) -> anyhow::Result<()> {
-    crate::tune_allocator_for_inference();
     let device = crate::device(&a.device)?;
     let (ckpt, _) = a.budget.load(&a.checkpoint, &device)?;
     let config = &ckpt.model.config;

@@ -7,8 +7,8 @@ use burn::module::Param;
 use burn::nn::Initializer;
 use burn::prelude::*;
 use burn::tensor::DType;
-use burn::tensor::activation::silu;
 
+use crate::ffn::gated;
 use crate::host::{map_on_cores, runs_on_host};
 use crate::kernels;
 
@@ -84,20 +84,20 @@ impl ExpertWeights {
         }
         match self.order {
             WeightOrder::InOut => {
-                let gate = silu(rows.clone().matmul(self.w_gate.clone())); // [n, f]
+                let gate = rows.clone().matmul(self.w_gate.clone()); // [n, f]
                 let up = rows.matmul(self.w_up.clone()); // [n, f]
-                (gate * up).matmul(self.w_down.clone()) // [n, d]
+                gated(gate, up).matmul(self.w_down.clone()) // [n, d]
             }
             WeightOrder::OutIn if rows.dims()[0] <= OUT_IN_MAX_ROWS => {
                 let cols = rows.transpose(); // [d, n]
-                let gate = silu(self.w_gate.clone().matmul(cols.clone())); // [f, n]
+                let gate = self.w_gate.clone().matmul(cols.clone()); // [f, n]
                 let up = self.w_up.clone().matmul(cols); // [f, n]
-                self.w_down.clone().matmul(gate * up).transpose() // [n, d]
+                self.w_down.clone().matmul(gated(gate, up)).transpose() // [n, d]
             }
             WeightOrder::OutIn => {
-                let gate = silu(rows.clone().matmul(self.w_gate.clone().transpose())); // [n, f]
+                let gate = rows.clone().matmul(self.w_gate.clone().transpose()); // [n, f]
                 let up = rows.matmul(self.w_up.clone().transpose()); // [n, f]
-                (gate * up).matmul(self.w_down.clone().transpose()) // [n, d]
+                gated(gate, up).matmul(self.w_down.clone().transpose()) // [n, d]
             }
         }
     }
@@ -199,9 +199,9 @@ impl Experts {
     ///
     /// x: `[E, C, d_model]` -> `[E, C, d_model]`
     pub fn forward_padded(&self, x: Tensor<3>) -> Tensor<3> {
-        let gate = silu(x.clone().matmul(self.w_gate.val())); // [E, C, d_ff]
+        let gate = x.clone().matmul(self.w_gate.val()); // [E, C, d_ff]
         let up = x.matmul(self.w_up.val()); // [E, C, d_ff]
-        (gate * up).matmul(self.w_down.val()) // [E, C, d_model]
+        gated(gate, up).matmul(self.w_down.val()) // [E, C, d_model]
     }
 
     /// Some experts on padded blocks: block i goes to expert `ids[i]`. The weights are picked by
@@ -211,9 +211,9 @@ impl Experts {
     /// x: `[n, C, d_model]`; ids: `[n]` -> `[n, C, d_model]`
     pub fn forward_subset(&self, x: Tensor<3>, ids: Tensor<1, Int>) -> Tensor<3> {
         let pick = |w: &Param<Tensor<3>>| w.val().select(0, ids.clone());
-        let gate = silu(x.clone().matmul(pick(&self.w_gate))); // [n, C, d_ff]
+        let gate = x.clone().matmul(pick(&self.w_gate)); // [n, C, d_ff]
         let up = x.matmul(pick(&self.w_up)); // [n, C, d_ff]
-        (gate * up).matmul(pick(&self.w_down)) // [n, C, d_model]
+        gated(gate, up).matmul(pick(&self.w_down)) // [n, C, d_model]
     }
 
     /// Each expert on its own contiguous run of rows, with no padding: rows

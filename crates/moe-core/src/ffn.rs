@@ -7,6 +7,8 @@ use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 
+use crate::kernels;
+
 /// Configuration of a [`SwiGluFfn`].
 #[derive(Config, Debug)]
 pub struct SwiGluFfnConfig {
@@ -47,8 +49,16 @@ impl SwiGluFfnConfig {
 impl SwiGluFfn {
     /// x: `[..., d_model]` -> `[..., d_model]`
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let gate = silu(self.w_gate.forward(x.clone())); // [..., d_ff]
+        let gate = self.w_gate.forward(x.clone()); // [..., d_ff]
         let up = self.w_up.forward(x); // [..., d_ff]
-        self.w_down.forward(gate * up)
+        self.w_down.forward(gated(gate, up))
     }
+}
+
+/// SwiGLU's hidden state, `silu(gate) * up`: one vectorised pass on flex f32 tensors outside
+/// autodiff ([`kernels::silu_mul`]), Burn's ops everywhere else.
+///
+/// gate, up: `[..., d_ff]` -> `[..., d_ff]`
+pub fn gated<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
+    kernels::silu_mul_tensor(&gate, &up).unwrap_or_else(|| silu(gate) * up)
 }

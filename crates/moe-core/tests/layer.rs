@@ -4,10 +4,14 @@ mod common;
 
 use burn::module::{Module, Param};
 use burn::prelude::*;
+use burn::tensor::activation::silu;
 use burn::tensor::{DType, Distribution};
 use common::{HostMoe, random_input};
 use moe_core::experts::{OUT_IN_MAX_ROWS, PARALLEL_MIN_MACS};
-use moe_core::kernels::{HostF32, SWIGLU_MAX_ROWS, SWIGLU_MIN_ROWS, swiglu_tensor};
+use moe_core::ffn::gated;
+use moe_core::kernels::{
+    HostF32, SWIGLU_MAX_ROWS, SWIGLU_MIN_ROWS, silu_mul_tensor, swiglu_tensor,
+};
 use moe_core::testing::{assert_close, ints, test_device, values};
 use moe_core::{
     ExpertCompute, Experts, ExpertsConfig, MoeLayer, MoeLayerConfig, RouterConfig, RouterKind,
@@ -164,6 +168,35 @@ fn few_rows_of_an_out_in_expert_run_the_host_kernel_on_flex(
     // Autodiff tensors keep Burn's ops.
     let x = Tensor::<2>::random([2, 48], Distribution::Default, &device.clone().autodiff());
     assert!(HostF32::of(&x).is_none());
+}
+
+/// SwiGLU's gate runs the one-pass host kernel on contiguous flex tensors and Burn's ops
+/// elsewhere (other backends, strided views, autodiff), with the same values; under autodiff
+/// the gradient still flows.
+#[rstest]
+fn the_gate_runs_one_pass_on_flex_and_burns_ops_elsewhere(
+    #[values("flex", "ndarray", "wgpu")] backend: &str,
+) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    let draw = |s: [usize; 3]| Tensor::<3>::random(s, Distribution::Normal(0.0, 3.0), &device);
+    let (gate, up) = (draw([2, 37, 70]), draw([2, 37, 70]));
+    let reference = silu(gate.clone()) * up.clone();
+    let kernel = silu_mul_tensor(&gate, &up);
+    assert_eq!(kernel.is_some(), backend == "flex");
+    assert_close(gated(gate.clone(), up.clone()), reference.clone(), 1e-5);
+    // A strided view is left to Burn.
+    let (gate_t, up_t) = (gate.clone().swap_dims(1, 2), up.clone().swap_dims(1, 2));
+    assert!(silu_mul_tensor(&gate_t, &up_t).is_none());
+    assert_close(gated(gate_t, up_t), reference.swap_dims(1, 2), 1e-5);
+
+    let ad = device.clone().autodiff();
+    let gate = Tensor::<3>::from_data(gate.into_data(), &ad).require_grad();
+    let up = Tensor::<3>::from_data(up.into_data(), &ad);
+    assert!(silu_mul_tensor(&gate, &up).is_none());
+    let grads = gated(gate.clone(), up).sum().backward();
+    assert!(gate.grad(&grads).is_some());
 }
 
 /// The layout keeps a bank's dtype; banks `gemm` cannot read through strides (bf16) keep

@@ -1,8 +1,9 @@
-//! Host SIMD kernels for the products of a decode step on flex.
+//! Host SIMD kernels for inference on flex: the products of a decode step, and SwiGLU's gate.
 //!
 //! Decoding multiplies each weight by a few rows and each cached key by one query. gemm, built
 //! for large tiles, runs those at a fraction of the memory bandwidth (docs/benchmarks.md); these
-//! kernels stream every weight row and cached key once for all rows, on every core, vectorised
+//! kernels stream every weight row and cached key once for all rows, on every core. Element-wise
+//! work that Burn composes from several ops runs as one pass. All are vectorised
 //! for the CPU found at run time (pulp: AVX2 and FMA on x86-64, NEON on aarch64, scalar
 //! elsewhere). They read flex tensors in place ([`HostF32`]) and work on slices; every other
 //! backend, dtype and autodiff keeps Burn's ops.
@@ -11,10 +12,13 @@
 //!   [`SWIGLU_MIN_ROWS`] to [`SWIGLU_MAX_ROWS`] rows (batched decoding, short prompts), used by
 //!   [`ExpertWeights::forward`](crate::ExpertWeights).
 //! - [`decode_attention`]: one new query per row against its row's cached keys and values.
+//! - [`silu_mul`]: SwiGLU's gate, `silu(gate) * up`, in one pass (any number of rows), used by
+//!   every SwiGLU block through [`gated`](crate::ffn::gated).
 
 mod attention;
 mod dot;
 mod exp;
+mod gated;
 mod host;
 mod swiglu;
 
@@ -22,6 +26,8 @@ pub use attention::{KvRows, decode_attention};
 use dot::against_rows;
 pub use dot::dots;
 pub use exp::exp;
+use gated::silu;
+pub use gated::{silu_mul, silu_mul_tensor};
 pub use host::{HostF32, host_tensor};
 pub use swiglu::{SWIGLU_MAX_ROWS, SWIGLU_MIN_ROWS, swiglu_out_in, swiglu_tensor};
 

@@ -6,7 +6,7 @@ use burn::prelude::*;
 use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
 
-use super::{HostF32, against_rows, arch, exp, host_tensor};
+use super::{HostF32, against_rows, arch, host_tensor, silu};
 
 /// Rows from which [`swiglu_tensor`] runs an expert. One row is a matrix-vector product, which
 /// flex already runs at the memory's speed (its gemv was 10-20% faster than this kernel's
@@ -171,12 +171,6 @@ impl WithSimd for Down<'_> {
             against_rows(s, [w], self.hidden, f, |r, [v]| out[r] = v);
         }
     }
-}
-
-/// `x * sigmoid(x)`, with the inlined [`exp`] rather than a call to the C library's.
-#[inline(always)]
-fn silu(x: f32) -> f32 {
-    x / (1.0 + exp(-x))
 }
 
 #[cfg(test)]
