@@ -5,7 +5,9 @@ use burn::prelude::*;
 use burn::tensor::module::{attention, attention_fallback};
 use burn::tensor::ops::AttentionModuleOptions;
 use moe_core::host::runs_on_host;
-use moe_core::kernels::{HostF32, KvRows, decode_attention, host_tensor};
+use moe_core::kernels::{
+    HostF32, KvRows, PrefillShape, decode_attention, host_tensor, prefill_attention,
+};
 use std::borrow::Cow;
 
 use crate::config::{ModelConfig, QkNorm};
@@ -143,13 +145,12 @@ impl Attention {
     /// query heads, without copying keys or values per query head: the group's queries are
     /// folded into the rows of one attention over the shared head.
     ///
-    /// Burn's fused attention runs it (flex has its own kernel; the other backends compose it
-    /// from matmuls), except for one new token on a host backend: in a decode step `k` and `v`
-    /// are views of the first positions of the cache's buffers, which flex's kernel copies to
-    /// contiguous memory first (every key and value, every step). On flex in f32 the host
-    /// kernel [`decode_attention`] reads them in place instead; ndarray composes the attention
-    /// from matmuls, which also read strided views in place. All compute the same thing (in the
-    /// tensors' dtype; models run in f32).
+    /// On flex in f32 the host kernels run it, reading the cache's buffers in place:
+    /// [`decode_attention`] for one new token, [`prefill_attention`] for several (causal, in
+    /// blocks that skip the keys above the diagonal). Elsewhere Burn's fused attention runs it
+    /// (the other backends compose it from matmuls), except for one new token on ndarray, whose
+    /// matmul composition reads the cache's strided views in place. All compute the same
+    /// thing (in the tensors' dtype; models run in f32).
     ///
     /// q: `[batch, h, seq, hd]`; k, v: `[batch, kvh, total, hd]` -> `[batch, h, seq, hd]`
     fn grouped(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, at: &Positions) -> Tensor<4> {
@@ -159,9 +160,8 @@ impl Attention {
         // Query head j * g + i reads key/value head j: row i * s + p of the folded queries.
         let q = q.reshape([b, kvh, g * s, hd]);
         let unmasked = at.key_mask.is_none() || at.pads.is_some();
-        if s == 1
-            && unmasked
-            && let Some(out) = host_decode(&q, &k, &v, at.pads.as_deref(), self.scale as f32)
+        if unmasked
+            && let Some(out) = host_attention(&q, &k, &v, s, at.pads.as_deref(), self.scale as f32)
         {
             return out.reshape([b, h, s, hd]);
         }
@@ -179,19 +179,21 @@ impl Attention {
     }
 }
 
-/// One new token per row on flex: [`decode_attention`] reads the cache's buffers in place,
-/// skipping each row's first `first[r]` (padding) columns. `None` when a tensor is not an f32
-/// flex tensor (other backends, dtypes, autodiff) or its positions are not contiguous rows.
+/// `s` new tokens per row on flex: the host kernels read the cache's buffers in place, skipping
+/// each row's first `first[r]` (padding) columns. `None` when a tensor is not an f32 flex tensor
+/// (other backends, dtypes, autodiff) or its positions are not contiguous rows.
 ///
-/// q: `[batch, kvh, g, hd]`; k, v: `[batch, kvh, total, hd]` -> `[batch, kvh, g, hd]`
-fn host_decode(
+/// q: `[batch, kvh, g * s, hd]`; k, v: `[batch, kvh, total, hd]` -> `[batch, kvh, g * s, hd]`
+fn host_attention(
     q: &Tensor<4>,
     k: &Tensor<4>,
     v: &Tensor<4>,
+    s: usize,
     first: Option<&[usize]>,
     scale: f32,
 ) -> Option<Tensor<4>> {
     let dims = q.dims();
+    let [batch, kv_heads, rows, head_dim] = dims;
     let total = k.dims()[2];
     let host_q = HostF32::of(q)?;
     let queries = match host_q.contiguous() {
@@ -199,8 +201,21 @@ fn host_decode(
         None => Cow::Owned(q.clone().into_data().try_into_vec::<f32>().ok()?),
     };
     let (keys, values) = (HostF32::of(k)?, HostF32::of(v)?);
-    let [keys, values] = [&keys, &values].map(|t| KvRows::of(t, dims[3]));
-    let out = decode_attention(&queries, dims, keys?, values?, total, first, scale);
+    let [keys, values] = [&keys, &values].map(|t| KvRows::of(t, head_dim));
+    let (keys, values) = (keys?, values?);
+    let out = if s == 1 {
+        decode_attention(&queries, dims, keys, values, total, first, scale)
+    } else {
+        let shape = PrefillShape {
+            batch,
+            kv_heads,
+            g: rows / s,
+            new: s,
+            head_dim,
+            total,
+        };
+        prefill_attention(&queries, shape, keys, values, first, scale)
+    };
     Some(host_tensor(out, dims))
 }
 
@@ -239,12 +254,14 @@ mod tests {
     use moe_core::testing::{assert_close, test_device};
     use rstest::rstest;
 
-    /// On flex the host kernel runs one new token per row against a cache buffer with spare
-    /// positions (a strided view) and left padding, and equals Burn's attention with the
-    /// padding as a mask; other backends leave it to Burn.
+    /// On flex the host kernels run one new token per row (decode) and several (a prompt,
+    /// causal) against a cache buffer with spare positions (a strided view) and left padding,
+    /// and equal Burn's attention with the padding and the causal order as a mask; other
+    /// backends leave it to Burn.
     #[rstest]
-    fn host_decode_reads_the_cache_in_place_on_flex(
+    fn host_attention_reads_the_cache_in_place_on_flex(
         #[values("flex", "ndarray", "wgpu")] backend: &str,
+        #[values(1, 5)] s: usize,
     ) {
         let Some(device) = test_device(backend) else {
             return;
@@ -253,25 +270,30 @@ mod tests {
         let random = |shape: [usize; 4]| {
             Tensor::<4>::random(shape, burn::tensor::Distribution::Default, &device)
         };
-        let q = random([b, kvh, g, hd]);
+        let q = random([b, kvh, g * s, hd]);
         let view = |t: Tensor<4>| t.slice([0..b, 0..kvh, 0..total, 0..hd]);
         let (k, v) = (
             view(random([b, kvh, cap, hd])),
             view(random([b, kvh, cap, hd])),
         );
-        let pads = [0, 3, 10];
+        // Every row's first new position sees at least its own column.
+        let col0 = total - s;
+        let pads = [0, 3, col0];
         let scale = 0.3;
-        let got = host_decode(&q, &k, &v, Some(&pads), scale);
+        let got = host_attention(&q, &k, &v, s, Some(&pads), scale);
         assert_eq!(got.is_some(), backend == "flex");
         let Some(got) = got else {
             return;
         };
         let blocked: Vec<bool> = (0..b)
-            .flat_map(|r| (0..g).flat_map(move |_| (0..total).map(move |c| c < pads[r])))
+            .flat_map(|r| {
+                (0..g * s)
+                    .flat_map(move |row| (0..total).map(move |c| c < pads[r] || c > col0 + row % s))
+            })
             .collect();
         let mask = Tensor::<1, Bool>::from_data(blocked.as_slice(), &device)
-            .reshape([b, 1, g, total])
-            .expand([b, kvh, g, total]);
+            .reshape([b, 1, g * s, total])
+            .expand([b, kvh, g * s, total]);
         let options = AttentionModuleOptions {
             scale: Some(scale as f64),
             ..Default::default()

@@ -48,10 +48,60 @@ impl<'a> KvRows<'a> {
         })
     }
 
+    /// Positions `ts` of batch row `b`, head `h`: the buffer from the first position's values
+    /// to the last one's, and the elements between positions.
+    ///
+    /// # Panics
+    /// If `ts` is empty or does not lie in the buffer.
+    fn run(&self, b: usize, h: usize, ts: std::ops::Range<usize>) -> (&[f32], usize) {
+        let [sb, sh, st] = self.strides;
+        let start = self.offset + b * sb + h * sh + ts.start * st;
+        let end = self.offset + b * sb + h * sh + (ts.end - 1) * st + self.head_dim;
+        (&self.data[start..end], st)
+    }
+
     fn at(&self, b: usize, h: usize, t: usize) -> &[f32] {
         let [sb, sh, st] = self.strides;
         let start = self.offset + b * sb + h * sh + t * st;
         &self.data[start..start + self.head_dim]
+    }
+}
+
+/// The cached keys and values of batch row `b`, key/value head `h`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct HeadKv<'a> {
+    keys: KvRows<'a>,
+    values: KvRows<'a>,
+    b: usize,
+    h: usize,
+}
+
+impl<'a> HeadKv<'a> {
+    pub(super) fn new(keys: KvRows<'a>, values: KvRows<'a>, b: usize, h: usize) -> Self {
+        Self { keys, values, b, h }
+    }
+
+    pub(super) fn head_dim(&self) -> usize {
+        self.keys.head_dim
+    }
+
+    fn key(&self, t: usize) -> &[f32] {
+        self.keys.at(self.b, self.h, t)
+    }
+
+    fn value(&self, t: usize) -> &[f32] {
+        self.values.at(self.b, self.h, t)
+    }
+
+    /// Positions `ts` of the keys as one strided run: the buffer from the first position's
+    /// values to the last one's, and the elements between positions (see [`KvRows::run`]).
+    pub(super) fn key_run(&self, ts: std::ops::Range<usize>) -> (&[f32], usize) {
+        self.keys.run(self.b, self.h, ts)
+    }
+
+    /// Positions `ts` of the values, as [`key_run`](Self::key_run).
+    pub(super) fn value_run(&self, ts: std::ops::Range<usize>) -> (&[f32], usize) {
+        self.values.run(self.b, self.h, ts)
     }
 }
 
@@ -79,10 +129,7 @@ pub fn decode_attention(
         let q = &q[i * g * head_dim..(i + 1) * g * head_dim];
         let head = Head {
             q,
-            keys,
-            values,
-            b,
-            h,
+            kv: HeadKv::new(keys, values, b, h),
             positions: start..total,
             g,
             scale,
@@ -102,10 +149,7 @@ pub fn decode_attention(
 /// One key/value head with its group of queries.
 struct Head<'a> {
     q: &'a [f32],
-    keys: KvRows<'a>,
-    values: KvRows<'a>,
-    b: usize,
-    h: usize,
+    kv: HeadKv<'a>,
     positions: std::ops::Range<usize>,
     g: usize,
     scale: f32,
@@ -117,11 +161,11 @@ impl WithSimd for Head<'_> {
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, s: S) -> Self::Output {
-        let (g, hd, n) = (self.g, self.keys.head_dim, self.positions.len());
+        let (g, hd, n) = (self.g, self.kv.head_dim(), self.positions.len());
         // Scores, then probabilities, [g, n].
         let mut p = vec![0.0f32; g * n];
         for (col, t) in self.positions.clone().enumerate() {
-            let key = self.keys.at(self.b, self.h, t);
+            let key = self.kv.key(t);
             against_rows(s, [key], self.q, hd, |i, [v]| {
                 p[i * n + col] = v * self.scale
             });
@@ -136,7 +180,7 @@ impl WithSimd for Head<'_> {
         }
         self.out.fill(0.0);
         for (col, t) in self.positions.clone().enumerate() {
-            let value = self.values.at(self.b, self.h, t);
+            let value = self.kv.value(t);
             for (i, out) in self.out.chunks_exact_mut(hd).enumerate() {
                 axpy(s, p[i * n + col], value, out);
             }
@@ -149,7 +193,7 @@ impl WithSimd for Head<'_> {
 
 /// The sum of `xs`.
 #[inline(always)]
-fn sum<S: Simd>(s: S, xs: &[f32]) -> f32 {
+pub(super) fn sum<S: Simd>(s: S, xs: &[f32]) -> f32 {
     let (head, tail) = S::as_simd_f32s(xs);
     let acc = head
         .iter()

@@ -12,6 +12,8 @@
 //!   [`SWIGLU_MIN_ROWS`] to [`SWIGLU_MAX_ROWS`] rows (batched decoding, short prompts), used by
 //!   [`ExpertWeights::forward`](crate::ExpertWeights).
 //! - [`decode_attention`]: one new query per row against its row's cached keys and values.
+//! - [`prefill_attention`]: a prompt's queries against the cache, causal, in blocks that skip
+//!   the keys above the diagonal.
 //! - [`silu_mul`]: SwiGLU's gate, `silu(gate) * up`, in one pass (any number of rows), used by
 //!   every SwiGLU block through [`gated`](crate::ffn::gated).
 
@@ -20,6 +22,7 @@ mod dot;
 mod exp;
 mod gated;
 mod host;
+mod prefill;
 mod swiglu;
 
 pub use attention::{KvRows, decode_attention};
@@ -29,6 +32,7 @@ pub use exp::exp;
 use gated::silu;
 pub use gated::{silu_mul, silu_mul_tensor};
 pub use host::{HostF32, host_tensor};
+pub use prefill::{PrefillShape, prefill_attention};
 pub use swiglu::{SWIGLU_MAX_ROWS, SWIGLU_MIN_ROWS, swiglu_out_in, swiglu_tensor};
 
 use std::sync::OnceLock;
