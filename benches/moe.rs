@@ -18,6 +18,8 @@ use moe::moe_bench::{BenchSizes, cases};
 use moe::moe_core::parse_device;
 
 fn backends(c: &mut Criterion) {
+    // As `moe bench` runs: without it, every large output is faulted back in page by page.
+    moe::moe_core::host::tune_allocator();
     let sizes = BenchSizes::default();
     for name in ["flex", "ndarray", "wgpu"] {
         let Ok(device) = parse_device(name) else {

@@ -112,8 +112,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Imports and conversions, whose peak memory is their target, keep glibc's defaults.
     if cli.command.runs_a_model() {
-        tune_allocator();
+        moe_core::host::tune_allocator();
     }
     let result = match cli.command {
         Command::Train(a) => train_cmds::train(a),
@@ -160,28 +161,6 @@ fn one_line(e: &anyhow::Error) -> String {
         }
     }
     line.replace('\n', " ")
-}
-
-/// Keeps glibc's allocator from returning memory to the system between steps. With its
-/// defaults, every large buffer a step frees (a `[2048, 2048]` matmul output, an expert's hidden
-/// state, a decode step's KV views) is unmapped or trimmed and faulted back in, page by page, at
-/// the next step:
-/// - at a 1024-token context a 890M-parameter MoE decoded at 10 tokens/s instead of 25-29,
-///   depending on what had run before;
-/// - a `[2048, 512] x [512, 2048]` matmul on flex took 36 ms instead of 25 (8,200 page faults a
-///   call), and 100 training steps of the default model took 8% longer (docs/benchmarks.md).
-///
-/// Allocations below 64 MiB come from the heap, and up to 128 MiB of freed heap is kept (1 GiB
-/// kept decode as fast but raised the peak memory under an expert budget by 12%). Commands that
-/// run a model call it ([`Command::runs_a_model`]); imports and conversions, whose peak memory
-/// is the target, keep glibc's defaults.
-fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator parameters; called before the model is built.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 20);
-    }
 }
 
 /// Refuses an output that exists unless `overwrite`, before any work is done (the checkpoint
