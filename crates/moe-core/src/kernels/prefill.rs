@@ -34,7 +34,7 @@ pub struct PrefillShape {
 /// Scaled dot-product attention of each row's `new` positions (the cache's last columns), each
 /// seeing the columns from `first[b]` (the row's left padding; 0 when `first` is `None`) up to
 /// and including its own. Query head `h * g + i` reads key/value head `h`; its rows are folded
-/// as `i * new + p`. Blocks of [`BLOCK`] positions are shared among the current rayon pool's
+/// as `i * new + p`. Blocks of 64 positions (`BLOCK`) are shared among the current rayon pool's
 /// threads; each multiplies its queries by the keys it may see (gemm, single-threaded, reading
 /// the cache in place), takes a vectorised softmax and multiplies by the values. A position
 /// that sees no column (padding) gets zeros.
