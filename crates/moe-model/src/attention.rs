@@ -8,7 +8,6 @@ use moe_core::host::runs_on_host;
 use moe_core::kernels::{
     HostF32, KvRows, PrefillShape, decode_attention, host_tensor, prefill_attention,
 };
-use std::borrow::Cow;
 
 use crate::config::{ModelConfig, QkNorm};
 use crate::kv_cache::LayerCache;
@@ -195,16 +194,13 @@ fn host_attention(
     let dims = q.dims();
     let [batch, kv_heads, rows, head_dim] = dims;
     let total = k.dims()[2];
-    let host_q = HostF32::of(q)?;
-    let queries = match host_q.contiguous() {
-        Some(q) => Cow::Borrowed(q),
-        None => Cow::Owned(q.clone().into_data().try_into_vec::<f32>().ok()?),
-    };
+    let host_q = HostF32::row_major(q)?;
+    let queries = host_q.contiguous()?;
     let (keys, values) = (HostF32::of(k)?, HostF32::of(v)?);
     let [keys, values] = [&keys, &values].map(|t| KvRows::of(t, head_dim));
     let (keys, values) = (keys?, values?);
     let out = if s == 1 {
-        decode_attention(&queries, dims, keys, values, total, first, scale)
+        decode_attention(queries, dims, keys, values, total, first, scale)
     } else {
         let shape = PrefillShape {
             batch,
@@ -214,7 +210,7 @@ fn host_attention(
             head_dim,
             total,
         };
-        prefill_attention(&queries, shape, keys, values, first, scale)
+        prefill_attention(queries, shape, keys, values, first, scale)
     };
     Some(host_tensor(out, dims))
 }

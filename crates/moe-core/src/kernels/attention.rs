@@ -61,9 +61,7 @@ impl<'a> KvRows<'a> {
     }
 
     fn at(&self, b: usize, h: usize, t: usize) -> &[f32] {
-        let [sb, sh, st] = self.strides;
-        let start = self.offset + b * sb + h * sh + t * st;
-        &self.data[start..start + self.head_dim]
+        self.run(b, h, t..t + 1).0
     }
 }
 
@@ -172,11 +170,7 @@ impl WithSimd for Head<'_> {
         }
         let mut norm = vec![0.0f32; g];
         for (row, norm) in p.chunks_exact_mut(n.max(1)).zip(&mut norm) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            for x in row.iter_mut() {
-                *x = exp(*x - max);
-            }
-            *norm = 1.0 / sum(s, row);
+            *norm = shifted_exp(s, row);
         }
         self.out.fill(0.0);
         for (col, t) in self.positions.clone().enumerate() {
@@ -191,9 +185,18 @@ impl WithSimd for Head<'_> {
     }
 }
 
+/// `row` replaced by `e^(x - max(row))`, the softmax before its normalisation; returns
+/// `1 / sum`, by which the caller scales the row or what the row weighs.
+#[inline(always)]
+pub(super) fn shifted_exp<S: Simd>(s: S, row: &mut [f32]) -> f32 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    row.iter_mut().for_each(|x| *x = exp(*x - max));
+    1.0 / sum(s, row)
+}
+
 /// The sum of `xs`.
 #[inline(always)]
-pub(super) fn sum<S: Simd>(s: S, xs: &[f32]) -> f32 {
+fn sum<S: Simd>(s: S, xs: &[f32]) -> f32 {
     let (head, tail) = S::as_simd_f32s(xs);
     let acc = head
         .iter()

@@ -29,6 +29,17 @@ impl HostF32 {
         None
     }
 
+    /// `t` as [`of`](Self::of) reads it, copied to row-major order first when it is a view with
+    /// gaps or another order, so that [`contiguous`](Self::contiguous) gives its elements.
+    pub fn row_major<const D: usize>(t: &Tensor<D>) -> Option<Self> {
+        let host = Self::of(t)?;
+        if host.contiguous().is_some() {
+            return Some(host);
+        }
+        let values = t.clone().into_data().try_into_vec::<f32>().ok()?;
+        Self::of(&host_tensor(values, t.dims()))
+    }
+
     /// The elements in row-major order, when they sit so without gaps.
     pub fn contiguous(&self) -> Option<&[f32]> {
         #[cfg(feature = "flex")]

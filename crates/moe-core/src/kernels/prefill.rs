@@ -5,8 +5,8 @@ use rayon::prelude::*;
 
 use pulp::{Simd, WithSimd};
 
-use super::attention::{HeadKv, sum};
-use super::{KvRows, arch, exp};
+use super::attention::{HeadKv, shifted_exp};
+use super::{KvRows, arch};
 
 /// Query positions per block: each block multiplies against the keys up to its last position
 /// only, so the work above the diagonal is skipped to within one block.
@@ -185,9 +185,7 @@ impl WithSimd for Softmax<'_> {
     fn with_simd<S: Simd>(self, s: S) -> Self::Output {
         let (seen, hidden) = self.row.split_at_mut(self.seen);
         hidden.fill(0.0);
-        let max = seen.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        seen.iter_mut().for_each(|x| *x = exp(*x - max));
-        let norm = 1.0 / sum(s, seen);
+        let norm = shifted_exp(s, seen);
         seen.iter_mut().for_each(|x| *x *= norm);
     }
 }

@@ -1,7 +1,5 @@
 //! One SwiGLU expert on a few rows, its weights `[out, in]`.
 
-use std::borrow::Cow;
-
 use burn::prelude::*;
 use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
@@ -95,13 +93,15 @@ pub fn swiglu_tensor(
     if !(SWIGLU_MIN_ROWS..=SWIGLU_MAX_ROWS).contains(&n) {
         return None;
     }
-    let host = HostF32::of(rows)?;
-    let x = match host.contiguous() {
-        Some(x) => Cow::Borrowed(x),
-        None => Cow::Owned(rows.clone().into_data().try_into_vec::<f32>().ok()?),
-    };
+    let x = HostF32::row_major(rows)?;
     let [g, u, dn] = [w_gate, w_up, w_down].map(HostF32::of);
-    let out = swiglu_out_in(&x, n, g?.contiguous()?, u?.contiguous()?, dn?.contiguous()?);
+    let out = swiglu_out_in(
+        x.contiguous()?,
+        n,
+        g?.contiguous()?,
+        u?.contiguous()?,
+        dn?.contiguous()?,
+    );
     Some(host_tensor(out, [n, d]))
 }
 
