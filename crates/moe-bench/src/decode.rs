@@ -82,7 +82,7 @@ fn run_once(model: &MoeLm, batch: usize, context: usize, new_tokens: usize) -> D
     let prompt: Vec<i64> = (0..batch as i64)
         .flat_map(|r| (0..context as i64).map(move |i| (i * 7919 + 13 + r * 104_729) % vocab))
         .collect();
-    let mut cache = KvCache::with_capacity(context + new_tokens);
+    let mut cache = model.new_cache(Vec::new(), context + new_tokens);
     let start = Instant::now();
     let mut next = step(model, &prompt, batch, &mut cache, &device);
     let prefill = start.elapsed().as_secs_f64();

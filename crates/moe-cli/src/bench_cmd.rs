@@ -9,7 +9,7 @@ use moe_bench::{
     decode_speed, run,
 };
 
-use crate::budget::BudgetArgs;
+use crate::budget::{BudgetArgs, KvCacheArgs};
 
 /// Arguments of `moe bench`.
 #[derive(Args, Debug)]
@@ -56,6 +56,8 @@ pub struct BenchArgs {
     new_tokens: usize,
     #[command(flatten)]
     budget: BudgetArgs,
+    #[command(flatten)]
+    kv: KvCacheArgs,
 }
 
 /// The project's targets for each ratio (flex, release build, 2 cores).
@@ -76,6 +78,7 @@ enum Measured {
 struct DecodeRun {
     device: String,
     model: String,
+    kv_cache: moe_model::KvDtype,
     cases: Vec<DecodeCase>,
     skipped_contexts: Vec<usize>,
     expert_store: Option<moe_model::store::StoreStats>,
@@ -115,6 +118,7 @@ impl Measured {
 /// Measures a whole model's prefill and decode on `name`.
 fn bench_decode(a: &BenchArgs, name: &str, ckpt: Option<&Path>) -> anyhow::Result<DecodeRun> {
     let device = crate::device(name)?;
+    let kv_cache = a.kv.on(&device)?;
     let (model, store, label) = match ckpt {
         Some(path) => {
             let (ckpt, store) = a.budget.load(path, &device)?;
@@ -144,6 +148,7 @@ fn bench_decode(a: &BenchArgs, name: &str, ckpt: Option<&Path>) -> anyhow::Resul
         "no --context fits the model's context of {max} with {} new tokens",
         a.new_tokens
     );
+    let model = model.with_kv_cache(kv_cache);
     let cases = decode_speed(&model, &a.batch, &fit, a.new_tokens).map_err(anyhow::Error::msg)?;
     let expert_store = store.as_ref().map(|s| {
         s.settle();
@@ -152,6 +157,7 @@ fn bench_decode(a: &BenchArgs, name: &str, ckpt: Option<&Path>) -> anyhow::Resul
     Ok(DecodeRun {
         device: name.into(),
         model: label,
+        kv_cache,
         cases,
         skipped_contexts: skipped,
         expert_store,
@@ -160,7 +166,10 @@ fn bench_decode(a: &BenchArgs, name: &str, ckpt: Option<&Path>) -> anyhow::Resul
 
 /// Prints one backend's decode figures.
 fn print_decode(d: &DecodeRun, new_tokens: usize) {
-    println!("{} on {} (greedy)", d.model, d.device);
+    println!(
+        "{} on {} (greedy, {} KV cache)",
+        d.model, d.device, d.kv_cache
+    );
     println!(
         "{:>6} {:>8} {:>16} {:>16}",
         "batch", "context", "prefill tok/s", "decode tok/s"

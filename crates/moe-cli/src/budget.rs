@@ -1,4 +1,5 @@
-//! `--expert-budget` and `--expert-cache`: running a checkpoint with its routed experts paged.
+//! `--expert-budget`, `--expert-cache` and `--kv-cache`: what a checkpoint holds in memory for
+//! inference (its routed experts paged, its keys and values in half precision).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -6,6 +7,7 @@ use std::sync::Arc;
 use burn::prelude::*;
 use clap::Args;
 use moe_core::CachePolicy;
+use moe_model::KvDtype;
 use moe_model::checkpoint::{self, Checkpoint};
 use moe_model::store::{ExpertStore, StoreConfig, parse_size};
 
@@ -23,6 +25,27 @@ pub struct BudgetArgs {
     /// thread while the current layer computes.
     #[arg(long, requires = "expert_budget")]
     prefetch: bool,
+}
+
+/// How generation caches keys and values.
+#[derive(Args, Debug, Clone)]
+pub struct KvCacheArgs {
+    /// How generation caches keys and values: f32 (exactly the model's), or f16 (half the
+    /// memory; values rounded to 11 significant bits, attention still in f32).
+    #[arg(long, default_value = "f32")]
+    kv_cache: KvDtype,
+}
+
+impl KvCacheArgs {
+    /// The KV cache type asked for, once `device` is known to hold it.
+    pub fn on(&self, device: &Device) -> anyhow::Result<KvDtype> {
+        anyhow::ensure!(
+            device.supports_dtype(self.kv_cache.float_dtype()),
+            "this device cannot store keys and values as {}; use --kv-cache f32",
+            self.kv_cache
+        );
+        Ok(self.kv_cache)
+    }
 }
 
 fn parse_policy(s: &str) -> Result<CachePolicy, String> {

@@ -14,7 +14,7 @@ use moe_model::{checkpoint, hf, upcycle as up, weights};
 use moe_train::HfTokenizer;
 use moe_train::hf_tokenizer::{self, HF_TOKENIZER_DIR};
 
-use crate::budget::BudgetArgs;
+use crate::budget::{BudgetArgs, KvCacheArgs};
 use crate::prompt::{Codec, PromptArgs};
 
 /// Arguments of `moe generate`.
@@ -60,6 +60,8 @@ pub struct GenerateArgs {
     device: String,
     #[command(flatten)]
     budget: BudgetArgs,
+    #[command(flatten)]
+    kv: KvCacheArgs,
 }
 
 /// Generated text as it grows: cut at the first stop string, and printed as it comes when
@@ -152,7 +154,9 @@ impl<'a> TextStream<'a> {
 /// Runs `moe generate`.
 pub fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     let device = crate::device(&a.device)?;
-    let (ckpt, store) = a.budget.load(&a.checkpoint, &device)?;
+    let kv_cache = a.kv.on(&device)?;
+    let (mut ckpt, store) = a.budget.load(&a.checkpoint, &device)?;
+    ckpt.model = ckpt.model.with_kv_cache(kv_cache);
     let vocab_size = ckpt.model.config.vocab_size;
     let codec = Codec::for_checkpoint(&ckpt)?;
     let sampling = Sampling {

@@ -840,6 +840,36 @@ fn generate_a_batch_of_prompts() {
     );
 }
 
+/// `moe generate --kv-cache f16` generates with keys and values cached in half precision, and
+/// an unknown cache type is a one-line error.
+#[test]
+fn generate_with_an_f16_kv_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("ckpt");
+    moe_model::checkpoint::save(&ckpt, &tiny_moe_of_8(5), None, false).unwrap();
+    let ckpt = ckpt.display().to_string();
+    let args = [
+        "generate",
+        &ckpt,
+        "--prompt",
+        "abc",
+        "--greedy",
+        "--max-new-tokens",
+        "4",
+    ];
+    let o = moe(&[&args[..], &["--kv-cache", "f16", "--json"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(out["new_tokens"].as_array().map(Vec::len), Some(4));
+    let o = moe(&[&args[..], &["--kv-cache", "q3"]].concat());
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(
+        err.contains("unknown KV cache type `q3`: expected f32 or f16"),
+        "{err}"
+    );
+}
+
 /// `moe bench --device A,B,C`: the same cases on each backend in one table, a backend that fails
 /// as a line saying why, and a grouped bar chart.
 #[test]

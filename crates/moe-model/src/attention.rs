@@ -4,13 +4,15 @@ use burn::nn::{Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 use burn::tensor::module::{attention, attention_fallback};
 use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{DType, f16};
 use moe_core::host::runs_on_host;
+
 use moe_core::kernels::{
-    HostF32, KvRows, PrefillShape, decode_attention, host_tensor, prefill_attention,
+    Host, HostF32, KvRows, PrefillShape, decode_attention, host_tensor, prefill_attention,
 };
 
 use crate::config::{ModelConfig, QkNorm};
-use crate::kv_cache::LayerCache;
+use crate::kv_cache::{KvDtype, LayerCache};
 use crate::rope::Rope;
 
 /// Where the new tokens of a forward pass sit, shared by every layer.
@@ -26,6 +28,8 @@ pub struct Positions {
     pub key_mask: Option<Tensor<2, Bool>>,
     /// Positions a layer's cache allocates for at least.
     pub reserve: usize,
+    /// How a layer's cache stores keys and values.
+    pub cache_dtype: KvDtype,
     /// Each row's left padding when the key mask is the cache's padding (what the host decode
     /// kernel reads instead of the mask); `None` when no row is padded or the mask came from
     /// the caller.
@@ -132,7 +136,7 @@ impl Attention {
         let k = Rope::apply(k, &at.cos, &at.sin);
         let v = self.heads(&self.v_proj, &None, x, kvh);
         let (k, v) = match cache {
-            Some(slot) => LayerCache::append(slot, k, v, at.start, at.reserve),
+            Some(slot) => LayerCache::append(slot, k, v, at.start, at.reserve, at.cache_dtype),
             None => (k, v),
         }; // [b, kvh, total, hd]
         let out = self.grouped(q, k, v, at); // [b, h, s, hd]
@@ -164,6 +168,8 @@ impl Attention {
         {
             return out.reshape([b, h, s, hd]);
         }
+        // Burn's attention computes in the queries' dtype (a no-op unless the cache is f16).
+        let (k, v) = (k.cast(q.dtype()), v.cast(q.dtype()));
         let mask = blocked(at, b, g, s, total).map(|m| m.expand([b, kvh, g * s, total]));
         let options = AttentionModuleOptions {
             scale: Some(self.scale),
@@ -179,8 +185,10 @@ impl Attention {
 }
 
 /// `s` new tokens per row on flex: the host kernels read the cache's buffers in place, skipping
-/// each row's first `first[r]` (padding) columns. `None` when a tensor is not an f32 flex tensor
-/// (other backends, dtypes, autodiff) or its positions are not contiguous rows.
+/// each row's first `first[r]` (padding) columns. A cache in f16 is read in place by decode
+/// attention; a prompt, which reads every key many times, widens it to f32 once. `None` when a
+/// tensor is not a flex tensor of f32 (or f16 keys and values), is under autodiff, or its
+/// positions are not contiguous rows.
 ///
 /// q: `[batch, kvh, g * s, hd]`; k, v: `[batch, kvh, total, hd]` -> `[batch, kvh, g * s, hd]`
 fn host_attention(
@@ -191,26 +199,36 @@ fn host_attention(
     first: Option<&[usize]>,
     scale: f32,
 ) -> Option<Tensor<4>> {
+    if k.dtype() == DType::F16 && s > 1 {
+        let (k, v) = (k.clone().cast(DType::F32), v.clone().cast(DType::F32));
+        return host_attention(q, &k, &v, s, first, scale);
+    }
     let dims = q.dims();
     let [batch, kv_heads, rows, head_dim] = dims;
     let total = k.dims()[2];
     let host_q = HostF32::row_major(q)?;
     let queries = host_q.contiguous()?;
-    let (keys, values) = (HostF32::of(k)?, HostF32::of(v)?);
-    let [keys, values] = [&keys, &values].map(|t| KvRows::of(t, head_dim));
-    let (keys, values) = (keys?, values?);
-    let out = if s == 1 {
-        decode_attention(queries, dims, keys, values, total, first, scale)
+    let out = if k.dtype() == DType::F16 {
+        let (keys, values) = (Host::<f16>::of(k)?, Host::<f16>::of(v)?);
+        let [keys, values] = [&keys, &values].map(|t| KvRows::of(t, head_dim));
+        decode_attention(queries, dims, keys?, values?, total, first, scale)
     } else {
-        let shape = PrefillShape {
-            batch,
-            kv_heads,
-            g: rows / s,
-            new: s,
-            head_dim,
-            total,
-        };
-        prefill_attention(queries, shape, keys, values, first, scale)
+        let (keys, values) = (HostF32::of(k)?, HostF32::of(v)?);
+        let [keys, values] = [&keys, &values].map(|t| KvRows::of(t, head_dim));
+        let (keys, values) = (keys?, values?);
+        if s == 1 {
+            decode_attention(queries, dims, keys, values, total, first, scale)
+        } else {
+            let shape = PrefillShape {
+                batch,
+                kv_heads,
+                g: rows / s,
+                new: s,
+                head_dim,
+                total,
+            };
+            prefill_attention(queries, shape, keys, values, first, scale)
+        }
     };
     Some(host_tensor(out, dims))
 }

@@ -248,7 +248,7 @@ pub fn generate_batch(
         .collect();
     let steps = budgets.iter().copied().max().unwrap_or(0);
     let pads: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
-    let mut cache = KvCache::left_padded(pads.clone(), longest + steps);
+    let mut cache = model.new_cache(pads.clone(), longest + steps);
     let mut rngs: Vec<StdRng> = prompts
         .iter()
         .map(|_| StdRng::seed_from_u64(sampling.seed))

@@ -1,11 +1,68 @@
 //! Keys and values of every layer for incremental decoding: buffers allocated once for the
 //! positions a generation will reach and written in place, a row per sequence, rows that may start
 //! with left padding (batched prompts of different lengths), and rows that can be dropped when
-//! their sequence ends.
+//! their sequence ends. They hold f32, or f16 for half the memory ([`KvDtype`]).
+
+use std::fmt;
+use std::str::FromStr;
 
 use burn::prelude::*;
+use burn::tensor::FloatDType;
+use serde::{Deserialize, Serialize};
 
 use crate::rope::RopeTable;
+
+/// How a [`KvCache`] stores keys and values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDtype {
+    /// Single precision, as the model computes them: generation is exactly the model's.
+    #[default]
+    F32,
+    /// Half precision (as llama.cpp's default cache): half the memory, and half the bytes each
+    /// decode step reads at long contexts. Keys and values are rounded to 11 significant bits;
+    /// attention still computes in f32.
+    F16,
+}
+
+impl KvDtype {
+    /// The tensor dtype of the buffers.
+    pub fn float_dtype(self) -> FloatDType {
+        match self {
+            Self::F32 => FloatDType::F32,
+            Self::F16 => FloatDType::F16,
+        }
+    }
+
+    /// Bytes per cached value.
+    pub fn size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 => 2,
+        }
+    }
+}
+
+impl FromStr for KvDtype {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            _ => Err(format!("unknown KV cache type `{s}`: expected f32 or f16")),
+        }
+    }
+}
+
+impl fmt::Display for KvDtype {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+        })
+    }
+}
 
 /// One layer's keys and values, `[batch, kv_heads, capacity, head_dim]` each; the first
 /// [`KvCache::len`] positions are filled.
@@ -19,8 +76,9 @@ pub struct LayerCache {
 
 impl LayerCache {
     /// Writes `k` and `v` (`[batch, kv_heads, seq, head_dim]`) at positions `start..start + seq`
-    /// of the layer's buffers, allocating them (for at least `reserve` positions) or doubling them
-    /// when full, and returns the keys and values of positions `0..start + seq`.
+    /// of the layer's buffers, allocating them (for at least `reserve` positions, holding
+    /// `dtype`) or doubling them when full, and returns the keys and values of positions
+    /// `0..start + seq` (in the buffers' dtype).
     ///
     /// The buffers are written in place: the views returned last time are gone by then, so each
     /// buffer is held once and a backend can assign into it without a copy.
@@ -30,8 +88,10 @@ impl LayerCache {
         v: Tensor<4>,
         start: usize,
         reserve: usize,
+        dtype: KvDtype,
     ) -> (Tensor<4>, Tensor<4>) {
         let [b, kvh, s, hd] = k.dims();
+        let (k, v) = (k.cast(dtype.float_dtype()), v.cast(dtype.float_dtype()));
         let end = start + s;
         let (mut kb, mut vb) = match slot.take() {
             Some(c) if c.k.dims()[2] >= end => (c.k, c.v),
@@ -68,11 +128,13 @@ fn grow(t: Tensor<4>, filled: usize, cap: usize) -> Tensor<4> {
 ///
 /// `KvCache::default()` allocates exactly what the first forward pass needs and doubles from
 /// there; [`KvCache::with_capacity`] allocates the positions a generation will reach at once.
+/// Both hold f32 unless [`with_dtype`](Self::with_dtype) says otherwise.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     pub(crate) layers: Vec<Option<LayerCache>>,
     len: usize,
     reserve: usize,
+    dtype: KvDtype,
     pads: Vec<usize>,
     pub(crate) rope: Option<RopeTable>,
 }
@@ -94,6 +156,24 @@ impl KvCache {
             pads,
             ..Self::with_capacity(positions)
         }
+    }
+
+    /// The cache storing keys and values as `dtype` (before its first forward pass).
+    pub fn with_dtype(self, dtype: KvDtype) -> Self {
+        Self { dtype, ..self }
+    }
+
+    /// How the buffers store keys and values.
+    pub fn dtype(&self) -> KvDtype {
+        self.dtype
+    }
+
+    /// Bytes the buffers of every layer hold (their capacity, not only the positions filled).
+    pub fn bytes(&self) -> usize {
+        let size = self.dtype.size();
+        let layer =
+            |c: &LayerCache| (c.k.shape().num_elements() + c.v.shape().num_elements()) * size;
+        self.layers.iter().flatten().map(layer).sum()
     }
 
     /// Columns already cached (padding included).

@@ -43,5 +43,5 @@ pub mod weights;
 
 pub use config::{FfnPlan, ModelConfig, QkNorm, SharedExpertConfig, fill_defaults};
 pub use error::{ModelError, Result};
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, KvDtype};
 pub use model::{ModelOutput, MoeLm};

@@ -13,7 +13,7 @@ use crate::attention::Positions;
 use crate::block::{Block, Ffn, MoeReport};
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, KvDtype};
 use crate::rope::{Rope, RopeTable};
 
 /// What a forward pass returns.
@@ -41,6 +41,10 @@ pub struct MoeLm {
     /// The configuration this model was built from.
     #[module(skip)]
     pub config: ModelConfig,
+    /// How [`generate`](crate::generate) caches keys and values (f32 unless
+    /// [`with_kv_cache`](Self::with_kv_cache) says otherwise).
+    #[module(skip)]
+    pub kv_cache: KvDtype,
 }
 
 /// Touches every parameter, which draws the lazily initialised ones.
@@ -160,6 +164,7 @@ impl ModelConfig {
                     .init(device)
             }),
             config: self.clone(),
+            kv_cache: KvDtype::F32,
         })
     }
 }
@@ -184,6 +189,18 @@ impl MoeLm {
             layer.router = router;
         }
         Ok(self)
+    }
+
+    /// The same model, generating with its keys and values cached as `kv_cache`.
+    pub fn with_kv_cache(self, kv_cache: KvDtype) -> Self {
+        Self { kv_cache, ..self }
+    }
+
+    /// An empty cache for `rows` prompts of `positions` positions at most, row `r` starting with
+    /// `pads[r]` padding columns (none when `pads` is empty), storing what
+    /// [`kv_cache`](Self::kv_cache) says.
+    pub fn new_cache(&self, pads: Vec<usize>, positions: usize) -> KvCache {
+        KvCache::left_padded(pads, positions).with_dtype(self.kv_cache)
     }
 
     /// The same model laid out for inference on its device: every MoE layer as
@@ -277,6 +294,7 @@ impl MoeLm {
             start: 0,
             key_mask: mask,
             reserve: 0,
+            cache_dtype: KvDtype::F32,
             pads: None,
         }
     }
@@ -331,6 +349,7 @@ impl MoeLm {
             start,
             key_mask: mask.or_else(|| cache.key_mask(start + s, &device)),
             reserve: cache.reserve(),
+            cache_dtype: cache.dtype(),
             pads,
         }
     }

@@ -1,5 +1,6 @@
 //! The inference path on every backend: batched generation against one prompt at a time, rows
-//! that stop on their own, left padding, and the preallocated KV cache (growth, dropped rows).
+//! that stop on their own, left padding, and the preallocated KV cache (growth, dropped rows, f16
+//! storage).
 
 mod common;
 
@@ -7,7 +8,7 @@ use burn::prelude::*;
 use common::small_config;
 use moe_core::testing::{assert_close, test_device};
 use moe_model::generate::{Sampling, generate, generate_batch};
-use moe_model::{KvCache, MoeLm};
+use moe_model::{KvCache, KvDtype, MoeLm};
 use rstest::rstest;
 
 /// The shared small model, drawn from a fixed seed.
@@ -146,6 +147,44 @@ fn kv_cache_grows_and_drops_rows(#[values("flex", "ndarray", "wgpu")] backend: &
     assert_eq!(growing.len(), 10);
     assert_eq!(growing.capacity(), 16, "4 doubled to 8, then to 16");
     assert_eq!(reserved.capacity(), 16, "never grew");
+}
+
+/// A cache in f16 holds half the bytes and gives the f32 cache's logits to within its rounding,
+/// for a padded batch (prompt, then decode steps) and for generation through the model's
+/// setting. Flex holds f16; a backend without it says so (ndarray, and wgpu on an adapter
+/// without `shader-f16`), and `moe` refuses `--kv-cache f16` there.
+#[rstest]
+fn an_f16_kv_cache_halves_memory_and_keeps_the_logits(
+    #[values("flex", "ndarray", "wgpu")] backend: &str,
+) {
+    let Some(device) = test_device(backend) else {
+        return;
+    };
+    if !device.supports_dtype(KvDtype::F16.float_dtype()) {
+        assert_ne!(backend, "flex", "flex holds f16");
+        return;
+    }
+    let model = model(&device);
+    let half = model.clone().with_kv_cache(KvDtype::F16);
+    let mut full = model.new_cache(vec![2, 0], 24);
+    let mut narrow = half.new_cache(vec![2, 0], 24);
+    assert_eq!((full.dtype(), narrow.dtype()), (KvDtype::F32, KvDtype::F16));
+    let prompt = [vec![0i64, 0, 3, 14, 15], vec![9, 26, 5, 35, 8]];
+    let f = model.forward_last(ids(&prompt, &device), &mut full);
+    let h = model.forward_last(ids(&prompt, &device), &mut narrow);
+    assert_close(h, f, 1e-2);
+    for step in 0..5 {
+        let next = [vec![(step * 7 + 1) % 64], vec![(step * 3 + 2) % 64]];
+        let f = model.forward_last(ids(&next, &device), &mut full);
+        let h = model.forward_last(ids(&next, &device), &mut narrow);
+        assert_close(h, f, 1e-2);
+    }
+    assert_eq!(narrow.bytes() * 2, full.bytes());
+    assert!(full.bytes() > 0);
+    let greedy = Sampling::greedy();
+    let tokens = generate_batch(&half, &prompts(), 6, &greedy, &[], |_, _| true).unwrap();
+    let lengths: Vec<usize> = tokens.iter().map(Vec::len).collect();
+    assert_eq!(lengths, [6, 6, 6, 3]);
 }
 
 /// The same weights give the same greedy tokens on wgpu as on flex, batched and alone.

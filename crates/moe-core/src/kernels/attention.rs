@@ -3,20 +3,28 @@
 use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
 
-use super::{HostF32, against_rows, arch, exp};
+use super::host::{Host, HostElement};
+use super::{against_rows, arch, exp};
 
-/// Cached keys (elements, all heads together) from which the heads are shared among threads:
-/// below it waking a second thread costs more than the whole step (about 15 us against 3 at 16
-/// positions of 2 heads; docs/benchmarks.md).
-const PARALLEL_MIN_CACHED: usize = 1 << 15;
+/// Cached keys (elements, all heads together) from which the heads are shared among threads.
+/// Between a decode step's matmuls the other threads sleep, and waking one costs more than the
+/// work it would take over below this: at batch 1 and 1024 positions (2 heads, 131k elements)
+/// the model decoded at 74-77% of its speed at 16 positions with the heads shared, and at
+/// 90-94% on one thread (docs/benchmarks.md). Batch 16 at 1024 positions (2M) still shares.
+const PARALLEL_MIN_CACHED: usize = 1 << 20;
+
+/// Positions whose keys or values a decode step reads as one block: widened to f32 when the
+/// cache holds f16, a block stays in the L1 cache (64 positions of 64 values: 16 KiB).
+const KV_BLOCK: usize = 64;
 
 /// Cached keys or values, each position's `head_dim` values contiguous: those of batch row `b`,
 /// key/value head `h`, position `t` start at `offset + b * strides[0] + h * strides[1] +
 /// t * strides[2]` of `data` (a cache buffer longer than the positions filled, read in place).
+/// The elements are f32, or f16 for a cache kept in half precision (decode attention only).
 #[derive(Debug, Clone, Copy)]
-pub struct KvRows<'a> {
+pub struct KvRows<'a, E = f32> {
     /// The buffer.
-    pub data: &'a [f32],
+    pub data: &'a [E],
     /// Where position 0 of row 0, head 0 starts.
     pub offset: usize,
     /// Elements between batch rows, heads and positions.
@@ -25,10 +33,10 @@ pub struct KvRows<'a> {
     pub head_dim: usize,
 }
 
-impl<'a> KvRows<'a> {
+impl<'a, E: HostElement> KvRows<'a, E> {
     /// The positions of `t`, `[batch, kv_heads, positions, head_dim]`, read in place; `None`
     /// unless each position's values are contiguous and the other strides non-negative.
-    pub fn of(t: &'a HostF32, head_dim: usize) -> Option<Self> {
+    pub fn of(t: &'a Host<E>, head_dim: usize) -> Option<Self> {
         let (data, offset, strides) = t.strided();
         let &[sb, sh, st, sd] = strides else {
             return None;
@@ -53,29 +61,30 @@ impl<'a> KvRows<'a> {
     ///
     /// # Panics
     /// If `ts` is empty or does not lie in the buffer.
-    fn run(&self, b: usize, h: usize, ts: std::ops::Range<usize>) -> (&[f32], usize) {
+    fn run(&self, b: usize, h: usize, ts: std::ops::Range<usize>) -> (&'a [E], usize) {
         let [sb, sh, st] = self.strides;
         let start = self.offset + b * sb + h * sh + ts.start * st;
         let end = self.offset + b * sb + h * sh + (ts.end - 1) * st + self.head_dim;
         (&self.data[start..end], st)
     }
 
-    fn at(&self, b: usize, h: usize, t: usize) -> &[f32] {
+    #[cfg(test)]
+    fn at(&self, b: usize, h: usize, t: usize) -> &'a [E] {
         self.run(b, h, t..t + 1).0
     }
 }
 
 /// The cached keys and values of batch row `b`, key/value head `h`.
 #[derive(Debug, Clone, Copy)]
-pub(super) struct HeadKv<'a> {
-    keys: KvRows<'a>,
-    values: KvRows<'a>,
+pub(super) struct HeadKv<'a, E = f32> {
+    keys: KvRows<'a, E>,
+    values: KvRows<'a, E>,
     b: usize,
     h: usize,
 }
 
-impl<'a> HeadKv<'a> {
-    pub(super) fn new(keys: KvRows<'a>, values: KvRows<'a>, b: usize, h: usize) -> Self {
+impl<'a, E: HostElement> HeadKv<'a, E> {
+    pub(super) fn new(keys: KvRows<'a, E>, values: KvRows<'a, E>, b: usize, h: usize) -> Self {
         Self { keys, values, b, h }
     }
 
@@ -83,22 +92,14 @@ impl<'a> HeadKv<'a> {
         self.keys.head_dim
     }
 
-    fn key(&self, t: usize) -> &[f32] {
-        self.keys.at(self.b, self.h, t)
-    }
-
-    fn value(&self, t: usize) -> &[f32] {
-        self.values.at(self.b, self.h, t)
-    }
-
     /// Positions `ts` of the keys as one strided run: the buffer from the first position's
     /// values to the last one's, and the elements between positions (see [`KvRows::run`]).
-    pub(super) fn key_run(&self, ts: std::ops::Range<usize>) -> (&[f32], usize) {
+    pub(super) fn key_run(&self, ts: std::ops::Range<usize>) -> (&'a [E], usize) {
         self.keys.run(self.b, self.h, ts)
     }
 
     /// Positions `ts` of the values, as [`key_run`](Self::key_run).
-    pub(super) fn value_run(&self, ts: std::ops::Range<usize>) -> (&[f32], usize) {
+    pub(super) fn value_run(&self, ts: std::ops::Range<usize>) -> (&'a [E], usize) {
         self.values.run(self.b, self.h, ts)
     }
 }
@@ -106,16 +107,17 @@ impl<'a> HeadKv<'a> {
 /// Scaled dot-product attention of `g` queries per key/value head (grouped-query attention,
 /// query head `h * g + i` reading key/value head `h`), each batch row against its positions
 /// `first[b]..total` (the earlier ones are left padding; all from 0 when `first` is `None`).
-/// Keys are streamed once for all `g` queries, the softmax exponentials vectorised, and the
+/// Keys are streamed once for all `g` queries, two positions at a time, in blocks that an f16
+/// cache widens to f32 on the fly; the softmax exponentials are vectorised, and the
 /// `batch * kv_heads` heads shared among the current rayon pool's threads once the cache is
 /// large enough to pay for it.
 ///
 /// q: `[batch, kv_heads, g, head_dim]` (row-major) -> `[batch, kv_heads, g, head_dim]`
-pub fn decode_attention(
+pub fn decode_attention<E: HostElement>(
     q: &[f32],
     [_, kv_heads, g, head_dim]: [usize; 4],
-    keys: KvRows,
-    values: KvRows,
+    keys: KvRows<E>,
+    values: KvRows<E>,
     total: usize,
     first: Option<&[usize]>,
     scale: f32,
@@ -145,38 +147,58 @@ pub fn decode_attention(
 }
 
 /// One key/value head with its group of queries.
-struct Head<'a> {
+struct Head<'a, E> {
     q: &'a [f32],
-    kv: HeadKv<'a>,
+    kv: HeadKv<'a, E>,
     positions: std::ops::Range<usize>,
     g: usize,
     scale: f32,
     out: &'a mut [f32],
 }
 
-impl WithSimd for Head<'_> {
+impl<E: HostElement> Head<'_, E> {
+    /// The positions in blocks of [`KV_BLOCK`], each with the column of its first position.
+    fn blocks(&self) -> impl Iterator<Item = (usize, std::ops::Range<usize>)> + use<E> {
+        let ps = self.positions.clone();
+        (ps.start..ps.end)
+            .step_by(KV_BLOCK)
+            .map(move |t| (t - ps.start, t..(t + KV_BLOCK).min(ps.end)))
+    }
+}
+
+impl<E: HostElement> WithSimd for Head<'_, E> {
     type Output = ();
 
     #[inline(always)]
     fn with_simd<S: Simd>(self, s: S) -> Self::Output {
         let (g, hd, n) = (self.g, self.kv.head_dim(), self.positions.len());
+        let mut wide = Vec::new();
         // Scores, then probabilities, [g, n].
         let mut p = vec![0.0f32; g * n];
-        for (col, t) in self.positions.clone().enumerate() {
-            let key = self.kv.key(t);
-            against_rows(s, [key], self.q, hd, |i, [v]| {
-                p[i * n + col] = v * self.scale
-            });
+        for (col0, ts) in self.blocks() {
+            let (run, st) = self.kv.key_run(ts.clone());
+            let (keys, st) = E::widen(run, st, [ts.len(), hd], &mut wide);
+            let key = |j: usize| &keys[j * st..j * st + hd];
+            for j in 0..ts.len() {
+                let col = col0 + j;
+                against_rows(s, [key(j)], self.q, hd, |i, [a]| {
+                    p[i * n + col] = a * self.scale
+                });
+            }
         }
         let mut norm = vec![0.0f32; g];
         for (row, norm) in p.chunks_exact_mut(n.max(1)).zip(&mut norm) {
             *norm = shifted_exp(s, row);
         }
         self.out.fill(0.0);
-        for (col, t) in self.positions.clone().enumerate() {
-            let value = self.kv.value(t);
-            for (i, out) in self.out.chunks_exact_mut(hd).enumerate() {
-                axpy(s, p[i * n + col], value, out);
+        for (col0, ts) in self.blocks() {
+            let (run, st) = self.kv.value_run(ts.clone());
+            let (values, st) = E::widen(run, st, [ts.len(), hd], &mut wide);
+            for j in 0..ts.len() {
+                let value = &values[j * st..j * st + hd];
+                for (i, out) in self.out.chunks_exact_mut(hd).enumerate() {
+                    axpy(s, p[i * n + col0 + j], value, out);
+                }
             }
         }
         for (out, norm) in self.out.chunks_exact_mut(hd).zip(norm) {
@@ -267,31 +289,62 @@ mod tests {
         out
     }
 
+    /// The kernel on `q` and cached keys and values `kd`, `vd` (`cap` positions of `stride`
+    /// elements per row and head) held as `E`, against the f64 reference on the same values.
+    fn check<E: HostElement>(
+        [b, kvh, g, hd]: [usize; 4],
+        [total, cap, stride]: [usize; 3],
+        (q, kd, vd): (&[f32], &[f32], &[f32]),
+        first: &[usize],
+        tolerance: f64,
+    ) -> Result<(), TestCaseError> {
+        let narrow = |d: &[f32]| d.iter().map(|x| E::from_elem(*x)).collect::<Vec<E>>();
+        let (kn, vn) = (narrow(kd), narrow(vd));
+        let wide = |d: &[E]| d.iter().map(|x| x.elem::<f32>()).collect::<Vec<f32>>();
+        let (kw, vw) = (wide(&kn), wide(&vn));
+        let strides = [kvh * cap * stride, cap * stride, stride];
+        fn rows<T>(data: &[T], strides: [usize; 3], head_dim: usize) -> KvRows<'_, T> {
+            KvRows {
+                data,
+                offset: 0,
+                strides,
+                head_dim,
+            }
+        }
+        let dims = [b, kvh, g, hd];
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (k, v) = (rows(&kn, strides, hd), rows(&vn, strides, hd));
+        let got = decode_attention(q, dims, k, v, total, Some(first), scale);
+        let (k, v) = (rows(&kw, strides, hd), rows(&vw, strides, hd));
+        let want = reference(q, dims, k, v, total, first, scale);
+        for (a, b) in got.iter().zip(&want) {
+            prop_assert!((*a as f64 - b).abs() <= tolerance, "{a} vs {b}");
+        }
+        Ok(())
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
-        /// Keys and values read through a cache buffer with spare capacity, any group size and
-        /// head width, and left padding per row.
+        /// Keys and values read through a cache buffer with spare capacity and gaps between
+        /// positions, held in f32 or f16, any group size and head width, left padding per row,
+        /// and more positions than one block.
         #[test]
         fn the_kernel_computes_attention(
-            (b, kvh, g, hd, total, spare, v, first) in (1usize..4, 1usize..3, 1usize..7, 1usize..20, 1usize..40, 0usize..5)
-                .prop_flat_map(|(b, kvh, g, hd, total, spare)| {
-                    let cap = total + spare;
-                    (Just(b), Just(kvh), Just(g), Just(hd), Just(total), Just(spare),
-                     proptest::collection::vec(-2.0f32..2.0, b * kvh * g * hd + 2 * b * kvh * cap * hd),
+            (b, kvh, g, hd, total, spare, gap, v, first) in (1usize..4, 1usize..3, 1usize..7, 1usize..20, 1usize..150, 0usize..5, 0usize..3)
+                .prop_flat_map(|(b, kvh, g, hd, total, spare, gap)| {
+                    let len = b * kvh * (total + spare) * (hd + gap);
+                    (Just(b), Just(kvh), Just(g), Just(hd), Just(total), Just(spare), Just(gap),
+                     proptest::collection::vec(-2.0f32..2.0, b * kvh * g * hd + 2 * len),
                      proptest::collection::vec(0..total, b))
                 })
         ) {
-            let cap = total + spare;
+            let (cap, stride) = (total + spare, hd + gap);
             let (q, kv) = v.split_at(b * kvh * g * hd);
-            let (kd, vd) = kv.split_at(b * kvh * cap * hd);
-            let rows = |data| KvRows { data, offset: 0, strides: [kvh * cap * hd, cap * hd, hd], head_dim: hd };
+            let (kd, vd) = kv.split_at(b * kvh * cap * stride);
             let dims = [b, kvh, g, hd];
-            let scale = 1.0 / (hd as f32).sqrt();
-            let got = decode_attention(q, dims, rows(kd), rows(vd), total, Some(&first), scale);
-            let want = reference(q, dims, rows(kd), rows(vd), total, &first, scale);
-            for (a, b) in got.iter().zip(&want) {
-                prop_assert!((*a as f64 - b).abs() <= 1e-5, "{a} vs {b}");
-            }
+            check::<f32>(dims, [total, cap, stride], (q, kd, vd), &first, 1e-5)?;
+            // The widened f16 values are exact, so only the f32 arithmetic differs.
+            check::<half::f16>(dims, [total, cap, stride], (q, kd, vd), &first, 1e-5)?;
         }
     }
 }

@@ -11,7 +11,8 @@
 //! - [`swiglu_out_in`]: one expert in [`WeightOrder::OutIn`](crate::WeightOrder) on
 //!   [`SWIGLU_MIN_ROWS`] to [`SWIGLU_MAX_ROWS`] rows (batched decoding, short prompts), used by
 //!   [`ExpertWeights::forward`](crate::ExpertWeights).
-//! - [`decode_attention`]: one new query per row against its row's cached keys and values.
+//! - [`decode_attention`]: one new query per row against its row's cached keys and values,
+//!   held in f32 or f16 ([`HostElement`]).
 //! - [`prefill_attention`]: a prompt's queries against the cache, causal, in blocks that skip
 //!   the keys above the diagonal.
 //! - [`silu_mul`]: SwiGLU's gate, `silu(gate) * up`, in one pass (any number of rows), used by
@@ -31,7 +32,7 @@ pub use dot::dots;
 pub use exp::exp;
 use gated::silu;
 pub use gated::{silu_mul, silu_mul_tensor};
-pub use host::{HostF32, host_tensor};
+pub use host::{Host, HostElement, HostF32, host_tensor};
 pub use prefill::{PrefillShape, prefill_attention};
 pub use swiglu::{SWIGLU_MAX_ROWS, SWIGLU_MIN_ROWS, swiglu_out_in, swiglu_tensor};
 
