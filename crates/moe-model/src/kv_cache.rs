@@ -33,14 +33,6 @@ impl KvDtype {
             Self::F16 => FloatDType::F16,
         }
     }
-
-    /// Bytes per cached value.
-    pub fn size(self) -> usize {
-        match self {
-            Self::F32 => 4,
-            Self::F16 => 2,
-        }
-    }
 }
 
 impl FromStr for KvDtype {
@@ -170,9 +162,8 @@ impl KvCache {
 
     /// Bytes the buffers of every layer hold (their capacity, not only the positions filled).
     pub fn bytes(&self) -> usize {
-        let size = self.dtype.size();
-        let layer =
-            |c: &LayerCache| (c.k.shape().num_elements() + c.v.shape().num_elements()) * size;
+        let bytes = |t: &Tensor<4>| t.shape().num_elements() * t.dtype().size();
+        let layer = |c: &LayerCache| bytes(&c.k) + bytes(&c.v);
         self.layers.iter().flatten().map(layer).sum()
     }
 

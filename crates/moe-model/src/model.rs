@@ -196,8 +196,8 @@ impl MoeLm {
         Self { kv_cache, ..self }
     }
 
-    /// An empty cache for `rows` prompts of `positions` positions at most, row `r` starting with
-    /// `pads[r]` padding columns (none when `pads` is empty), storing what
+    /// An empty cache for prompts of `positions` positions at most, row `r` starting with
+    /// `pads[r]` padding columns (no padding when `pads` is empty), storing keys and values as
     /// [`kv_cache`](Self::kv_cache) says.
     pub fn new_cache(&self, pads: Vec<usize>, positions: usize) -> KvCache {
         KvCache::left_padded(pads, positions).with_dtype(self.kv_cache)

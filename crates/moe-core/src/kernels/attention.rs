@@ -107,7 +107,7 @@ impl<'a, E: HostElement> HeadKv<'a, E> {
 /// Scaled dot-product attention of `g` queries per key/value head (grouped-query attention,
 /// query head `h * g + i` reading key/value head `h`), each batch row against its positions
 /// `first[b]..total` (the earlier ones are left padding; all from 0 when `first` is `None`).
-/// Keys are streamed once for all `g` queries, two positions at a time, in blocks that an f16
+/// Keys are streamed once for all `g` queries, in blocks of 64 positions that an f16
 /// cache widens to f32 on the fly; the softmax exponentials are vectorised, and the
 /// `batch * kv_heads` heads shared among the current rayon pool's threads once the cache is
 /// large enough to pay for it.

@@ -81,8 +81,9 @@ fn widen_f16(src: &[f16], dst: &mut [f32]) {
 unsafe fn widen_f16c(src: &[f16], dst: &mut [f32]) {
     use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm256_cvtph_ps, _mm256_storeu_ps};
     assert_eq!(src.len(), dst.len());
-    let (s8, d8) = (src.chunks_exact(8), dst.chunks_exact_mut(8));
-    let (s_tail, mut d8) = (s8.remainder(), d8);
+    let s8 = src.chunks_exact(8);
+    let s_tail = s8.remainder();
+    let mut d8 = dst.chunks_exact_mut(8);
     for (s, d) in s8.zip(&mut d8) {
         // SAFETY: `s` holds 8 f16 (16 bytes) and `d` 8 f32, both read and written unaligned.
         unsafe {
