@@ -1,0 +1,91 @@
+//! Criterion benches of the host kernels a decode step runs on flex: decode attention over a
+//! cache of 16 to 4096 positions, held in f32 or f16, with the cache warm (back-to-back
+//! calls) and cold (a 64 MiB buffer read between calls, as a decode step's weights evict the
+//! cache between one layer's attention and the next token's).
+//!
+//! ```text
+//! cargo bench --workspace --bench kernels
+//! cargo bench --workspace --bench kernels -- decode_attention/f32   # one cache type
+//! ```
+//!
+//! The shape is the Mixtral of docs/benchmarks.md at batch 1: 2 key/value heads of 8 query
+//! heads (groups of 4), head width 64.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use half::f16;
+use moe::moe_core::kernels::{HostElement, KvRows, decode_attention};
+
+const KV_HEADS: usize = 2;
+const GROUP: usize = 4;
+const HEAD_DIM: usize = 64;
+
+/// Values in [-1, 1) from a fixed linear congruential sequence.
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// Reads `buf` through, evicting what the caches held.
+fn evict(buf: &[u64]) -> u64 {
+    buf.iter().step_by(8).fold(0, |a, x| a ^ x)
+}
+
+fn bench_cache<E: HostElement>(c: &mut Criterion, name: &str, narrow: fn(f32) -> E) {
+    let mut group = c.benchmark_group(format!("decode_attention/{name}"));
+    group
+        .sample_size(30)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    let flush = vec![1u64; 8 << 20];
+    for positions in [16, 1024, 4096] {
+        let q = values(KV_HEADS * GROUP * HEAD_DIM, 1);
+        let cache = |seed| -> Vec<E> {
+            let v = values(KV_HEADS * positions * HEAD_DIM, seed);
+            v.into_iter().map(narrow).collect()
+        };
+        let (k, v) = (cache(2), cache(3));
+        let rows = |data| KvRows {
+            data,
+            offset: 0,
+            strides: [
+                KV_HEADS * positions * HEAD_DIM,
+                positions * HEAD_DIM,
+                HEAD_DIM,
+            ],
+            head_dim: HEAD_DIM,
+        };
+        let dims = [1, KV_HEADS, GROUP, HEAD_DIM];
+        let scale = 1.0 / (HEAD_DIM as f32).sqrt();
+        let call = || decode_attention(&q, dims, rows(&k), rows(&v), positions, None, scale);
+        group.throughput(Throughput::Elements(positions as u64));
+        group.bench_function(format!("warm/{positions}"), |b| {
+            b.iter(|| black_box(call()))
+        });
+        group.bench_function(format!("cold/{positions}"), |b| {
+            b.iter_batched(
+                || black_box(evict(&flush)),
+                |_| black_box(call()),
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    group.finish();
+}
+
+fn kernels(c: &mut Criterion) {
+    bench_cache::<f32>(c, "f32", |x| x);
+    bench_cache::<f16>(c, "f16", f16::from_f32);
+}
+
+criterion_group!(benches, kernels);
+criterion_main!(benches);
