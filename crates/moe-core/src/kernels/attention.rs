@@ -193,12 +193,14 @@ impl<E: HostElement> WithSimd for Head<'_, E> {
         self.out.fill(0.0);
         for (col0, ts) in self.blocks() {
             let (run, st) = self.kv.value_run(ts.clone());
-            let (values, st) = E::widen(run, st, [ts.len(), hd], &mut wide);
-            for j in 0..ts.len() {
-                let value = &values[j * st..j * st + hd];
-                for (i, out) in self.out.chunks_exact_mut(hd).enumerate() {
-                    axpy(s, p[i * n + col0 + j], value, out);
-                }
+            let (values, stride) = E::widen(run, st, [ts.len(), hd], &mut wide);
+            let values = Rows {
+                data: values,
+                stride,
+                len: ts.len(),
+            };
+            for (i, out) in self.out.chunks_exact_mut(hd).enumerate() {
+                weighted_sum(s, &p[i * n + col0..][..ts.len()], values, out);
             }
         }
         for (out, norm) in self.out.chunks_exact_mut(hd).zip(norm) {
@@ -224,6 +226,48 @@ fn sum<S: Simd>(s: S, xs: &[f32]) -> f32 {
         .iter()
         .fold(s.splat_f32s(0.0), |acc, x| s.add_f32s(acc, *x));
     s.reduce_sum_f32s(acc) + tail.iter().sum::<f32>()
+}
+
+/// Output registers one pass of [`weighted_sum`] keeps: on AVX2, 64 floats, a whole head of 64.
+const SUM_REGISTERS: usize = 8;
+
+/// `len` rows of values, `stride` elements apart.
+#[derive(Clone, Copy)]
+struct Rows<'a> {
+    data: &'a [f32],
+    stride: usize,
+    len: usize,
+}
+
+/// `out += Σ_j weights[j] * values[j]`. The output stays in registers, [`SUM_REGISTERS`] at a
+/// time, over all the values, each of which is read once per pass, front to back: it is not
+/// read and written through memory once per value.
+#[inline(always)]
+fn weighted_sum<S: Simd>(s: S, weights: &[f32], values: Rows, out: &mut [f32]) {
+    let lanes = core::mem::size_of::<S::f32s>() / core::mem::size_of::<f32>();
+    let tile = SUM_REGISTERS * lanes;
+    let rows = || {
+        let rows = values.data.chunks(values.stride).take(values.len);
+        weights.iter().zip(rows)
+    };
+    let mut d = 0;
+    while d + tile <= out.len() {
+        let (acc, _) = S::as_mut_simd_f32s(&mut out[d..d + tile]);
+        let mut regs: [S::f32s; SUM_REGISTERS] = core::array::from_fn(|r| acc[r]);
+        for (&w, value) in rows() {
+            let (v, _) = S::as_simd_f32s(&value[d..d + tile]);
+            let w = s.splat_f32s(w);
+            for (r, v) in regs.iter_mut().zip(v) {
+                *r = s.mul_add_f32s(w, *v, *r);
+            }
+        }
+        acc.copy_from_slice(&regs);
+        d += tile;
+    }
+    let width = out.len();
+    for (&w, value) in rows() {
+        axpy(s, w, &value[d..width], &mut out[d..]);
+    }
 }
 
 /// `out += a * x`.
@@ -326,11 +370,12 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
         /// Keys and values read through a cache buffer with spare capacity and gaps between
-        /// positions, held in f32 or f16, any group size and head width, left padding per row,
-        /// and more positions than one block.
+        /// positions, held in f32 or f16, any group size, head widths below and above one
+        /// pass of output registers (64 floats on AVX2) and between passes, left padding per
+        /// row, and more positions than one block.
         #[test]
         fn the_kernel_computes_attention(
-            (b, kvh, g, hd, total, spare, gap, v, first) in (1usize..4, 1usize..3, 1usize..7, 1usize..20, 1usize..150, 0usize..5, 0usize..3)
+            (b, kvh, g, hd, total, spare, gap, v, first) in (1usize..4, 1usize..3, 1usize..7, prop_oneof![1usize..20, 60usize..140], 1usize..150, 0usize..5, 0usize..3)
                 .prop_flat_map(|(b, kvh, g, hd, total, spare, gap)| {
                     let len = b * kvh * (total + spare) * (hd + gap);
                     (Just(b), Just(kvh), Just(g), Just(hd), Just(total), Just(spare), Just(gap),
