@@ -4,7 +4,8 @@ use pulp::{Simd, WithSimd};
 use rayon::prelude::*;
 
 use super::host::{Host, HostElement};
-use super::{against_rows, arch, exp};
+use super::scores::{Rows, scores};
+use super::{arch, exp};
 
 /// Cached keys (elements, all heads together) from which the heads are shared among threads.
 /// Between a decode step's matmuls the other threads sleep, and waking one costs more than the
@@ -176,15 +177,8 @@ impl<E: HostElement> WithSimd for Head<'_, E> {
         // Scores, then probabilities, [g, n].
         let mut p = vec![0.0f32; g * n];
         for (col0, ts) in self.blocks() {
-            let (run, st) = self.kv.key_run(ts.clone());
-            let (keys, st) = E::widen(run, st, [ts.len(), hd], &mut wide);
-            let key = |j: usize| &keys[j * st..j * st + hd];
-            for j in 0..ts.len() {
-                let col = col0 + j;
-                against_rows(s, [key(j)], self.q, hd, |i, [a]| {
-                    p[i * n + col] = a * self.scale
-                });
-            }
+            let keys = widened(self.kv.key_run(ts.clone()), ts.len(), hd, &mut wide);
+            scores(s, self.q, keys, self.scale, &mut p[col0..], n);
         }
         let mut norm = vec![0.0f32; g];
         for (row, norm) in p.chunks_exact_mut(n.max(1)).zip(&mut norm) {
@@ -192,13 +186,7 @@ impl<E: HostElement> WithSimd for Head<'_, E> {
         }
         self.out.fill(0.0);
         for (col0, ts) in self.blocks() {
-            let (run, st) = self.kv.value_run(ts.clone());
-            let (values, stride) = E::widen(run, st, [ts.len(), hd], &mut wide);
-            let values = Rows {
-                data: values,
-                stride,
-                len: ts.len(),
-            };
+            let values = widened(self.kv.value_run(ts.clone()), ts.len(), hd, &mut wide);
             for (i, out) in self.out.chunks_exact_mut(hd).enumerate() {
                 weighted_sum(s, &p[i * n + col0..][..ts.len()], values, out);
             }
@@ -206,6 +194,24 @@ impl<E: HostElement> WithSimd for Head<'_, E> {
         for (out, norm) in self.out.chunks_exact_mut(hd).zip(norm) {
             out.iter_mut().for_each(|x| *x *= norm);
         }
+    }
+}
+
+/// `len` positions of a run (see [`KvRows::run`]) as f32 rows of `width` values: the run
+/// itself for f32, else widened into `scratch`.
+#[inline(always)]
+fn widened<'s, E: HostElement>(
+    (run, stride): (&'s [E], usize),
+    len: usize,
+    width: usize,
+    scratch: &'s mut Vec<f32>,
+) -> Rows<'s> {
+    let (data, stride) = E::widen(run, stride, [len, width], scratch);
+    Rows {
+        data,
+        stride,
+        len,
+        width,
     }
 }
 
@@ -231,14 +237,6 @@ fn sum<S: Simd>(s: S, xs: &[f32]) -> f32 {
 /// Output registers one pass of [`weighted_sum`] keeps: on AVX2, 64 floats, a whole head of 64.
 const SUM_REGISTERS: usize = 8;
 
-/// `len` rows of values, `stride` elements apart.
-#[derive(Clone, Copy)]
-struct Rows<'a> {
-    data: &'a [f32],
-    stride: usize,
-    len: usize,
-}
-
 /// `out += Σ_j weights[j] * values[j]`. The output stays in registers, [`SUM_REGISTERS`] at a
 /// time, over all the values, each of which is read once per pass, front to back: it is not
 /// read and written through memory once per value.
@@ -247,7 +245,7 @@ fn weighted_sum<S: Simd>(s: S, weights: &[f32], values: Rows, out: &mut [f32]) {
     let lanes = core::mem::size_of::<S::f32s>() / core::mem::size_of::<f32>();
     let tile = SUM_REGISTERS * lanes;
     let rows = || {
-        let rows = values.data.chunks(values.stride).take(values.len);
+        let rows = (0..values.len).map(|j| values.row(j));
         weights.iter().zip(rows)
     };
     let mut d = 0;

@@ -12,7 +12,8 @@
 //!   [`SWIGLU_MIN_ROWS`] to [`SWIGLU_MAX_ROWS`] rows (batched decoding, short prompts), used by
 //!   [`ExpertWeights::forward`](crate::ExpertWeights).
 //! - [`decode_attention`]: one new query per row against its row's cached keys and values,
-//!   held in f32 or f16 ([`HostElement`]).
+//!   held in f32 or f16 ([`HostElement`]). Its scores take the keys 8 at a time with AVX2
+//!   intrinsics where the CPU has them (`scores`), the one operation pulp cannot express.
 //! - [`prefill_attention`]: a prompt's queries against the cache, causal, in blocks that skip
 //!   the keys above the diagonal.
 //! - [`silu_mul`]: SwiGLU's gate, `silu(gate) * up`, in one pass (any number of rows), used by
@@ -24,6 +25,7 @@ mod exp;
 mod gated;
 mod host;
 mod prefill;
+mod scores;
 mod swiglu;
 
 pub use attention::{KvRows, decode_attention};
