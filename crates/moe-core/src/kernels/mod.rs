@@ -13,7 +13,8 @@
 //!   [`ExpertWeights::forward`](crate::ExpertWeights).
 //! - [`decode_attention`]: one new query per row against its row's cached keys and values,
 //!   held in f32 or f16 ([`HostElement`]). Its scores take the keys 8 at a time with AVX2
-//!   intrinsics where the CPU has them (`scores`), the one operation pulp cannot express.
+//!   intrinsics where the CPU has them and the head width is a multiple of 8 (`scores`): a
+//!   horizontal sum of 8 registers at once, which pulp cannot express.
 //! - [`prefill_attention`]: a prompt's queries against the cache, causal, in blocks that skip
 //!   the keys above the diagonal.
 //! - [`silu_mul`]: SwiGLU's gate, `silu(gate) * up`, in one pass (any number of rows), used by

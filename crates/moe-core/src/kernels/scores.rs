@@ -51,6 +51,7 @@ fn eight_at_a_time(q: &[f32], keys: Rows, scale: f32, p: &mut [f32], n: usize) -
         // SAFETY: the CPU has AVX2 and FMA, checked just above.
         return unsafe { x86::scores8(q, keys, scale, p, n) };
     }
+    #[cfg(not(target_arch = "x86_64"))]
     let _ = (q, keys, scale, p, n);
     0
 }
@@ -67,7 +68,10 @@ mod x86 {
     /// [`super::scores`] for the keys in whole groups of 8; returns how many it scored.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA, and `keys.width` must be a multiple of 8.
+    /// The CPU must have AVX2 and FMA.
+    ///
+    /// # Panics
+    /// If `keys.width` is not a multiple of 8.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn scores8(
         q: &[f32],
@@ -128,6 +132,35 @@ mod tests {
         type Output = ();
         fn with_simd<S: Simd>(self, s: S) {
             scores(s, self.0, self.1, 0.5, self.2, self.3)
+        }
+    }
+
+    /// The 8-key path takes every whole group of 8 keys where the CPU has AVX2 and FMA, and
+    /// nothing for head widths that are not whole registers or on other CPUs.
+    #[test]
+    fn whole_groups_of_eight_keys_take_the_fast_path() {
+        #[cfg(target_arch = "x86_64")]
+        let fast = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        #[cfg(not(target_arch = "x86_64"))]
+        let fast = false;
+        for (width, len, want) in [(64, 21, 16), (8, 8, 8), (64, 7, 0), (12, 21, 0)] {
+            let q = vec![1.0; 2 * width];
+            let data = vec![1.0; len * width];
+            let keys = Rows {
+                data: &data,
+                stride: width,
+                len,
+                width,
+            };
+            let mut p = vec![0.0; 2 * len];
+            let done = eight_at_a_time(&q, keys, 1.0, &mut p, len);
+            assert_eq!(
+                done,
+                if fast { want } else { 0 },
+                "width {width}, {len} keys"
+            );
+            assert!(p[..done].iter().all(|&x| x == width as f32));
         }
     }
 
