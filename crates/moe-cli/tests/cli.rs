@@ -631,12 +631,9 @@ fn export_hf_round_trips_through_import_hf() {
 /// Belady's optimum bounds LRU and LFU, and a budget holding every expert misses each once.
 #[test]
 fn trace_then_cache_sim() {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = tiny_moe_of_8(3);
-    let ckpt = tmp.path().join("ckpt");
-    moe_model::checkpoint::save(&ckpt, &model, None, false).unwrap();
+    let (tmp, ckpt_s) = saved_tiny_moe_of_8(3);
     let trace = tmp.path().join("trace.jsonl");
-    let (ckpt_s, trace_s) = (ckpt.display().to_string(), trace.display().to_string());
+    let trace_s = trace.display().to_string();
     let o = moe(&[
         "trace",
         &ckpt_s,
@@ -704,14 +701,8 @@ fn trace_then_cache_sim() {
 /// generates the same tokens resident or paged under a budget.
 #[test]
 fn quantize_then_generate_resident_and_paged() {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = tiny_moe_of_8(5);
-    let ckpt = tmp.path().join("ckpt");
-    moe_model::checkpoint::save(&ckpt, &model, None, false).unwrap();
-    let (ckpt_s, q) = (
-        ckpt.display().to_string(),
-        tmp.path().join("q8").display().to_string(),
-    );
+    let (tmp, ckpt_s) = saved_tiny_moe_of_8(5);
+    let q = tmp.path().join("q8").display().to_string();
     let o = moe(&["quantize", &ckpt_s, "--experts", "q8", "--out", &q]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
@@ -747,6 +738,16 @@ fn quantize_then_generate_resident_and_paged() {
     assert!(paged["expert_store"]["misses"].as_u64().unwrap() > 0);
 }
 
+/// [`tiny_moe_of_8`] of `seed` saved as a checkpoint in a fresh temporary directory: the
+/// directory (removed when dropped) and the checkpoint's path as an argument.
+fn saved_tiny_moe_of_8(seed: u64) -> (tempfile::TempDir, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("ckpt");
+    moe_model::checkpoint::save(&ckpt, &tiny_moe_of_8(seed), None, false).unwrap();
+    let ckpt = ckpt.display().to_string();
+    (tmp, ckpt)
+}
+
 /// A 2-layer MoE of 8 experts (d_model 32, d_ff 32, top-2) drawn from `seed`, with the byte
 /// tokenizer's vocabulary of 258.
 fn tiny_moe_of_8(seed: u64) -> moe_model::MoeLm {
@@ -767,10 +768,7 @@ fn tiny_moe_of_8(seed: u64) -> moe_model::MoeLm {
 /// hold are listed as skipped; with a budget the store's counts come along.
 #[test]
 fn bench_decode_of_a_checkpoint() {
-    let tmp = tempfile::tempdir().unwrap();
-    let ckpt = tmp.path().join("ckpt");
-    moe_model::checkpoint::save(&ckpt, &tiny_moe_of_8(2), None, false).unwrap();
-    let ckpt = ckpt.display().to_string();
+    let (_tmp, ckpt) = saved_tiny_moe_of_8(2);
     let args = [
         "bench",
         "--decode",
@@ -810,10 +808,7 @@ fn bench_decode_of_a_checkpoint() {
 /// `moe generate --prompts FILE`: every line continued in one batch as it is alone.
 #[test]
 fn generate_a_batch_of_prompts() {
-    let tmp = tempfile::tempdir().unwrap();
-    let ckpt = tmp.path().join("ckpt");
-    moe_model::checkpoint::save(&ckpt, &tiny_moe_of_8(3), None, false).unwrap();
-    let ckpt = ckpt.display().to_string();
+    let (tmp, ckpt) = saved_tiny_moe_of_8(3);
     let lines = ["abc", "hello world", "z"];
     let file = tmp.path().join("prompts.txt");
     std::fs::write(&file, lines.join("\n")).unwrap();
@@ -844,10 +839,7 @@ fn generate_a_batch_of_prompts() {
 /// an unknown cache type is a one-line error.
 #[test]
 fn generate_with_an_f16_kv_cache() {
-    let tmp = tempfile::tempdir().unwrap();
-    let ckpt = tmp.path().join("ckpt");
-    moe_model::checkpoint::save(&ckpt, &tiny_moe_of_8(5), None, false).unwrap();
-    let ckpt = ckpt.display().to_string();
+    let (_tmp, ckpt) = saved_tiny_moe_of_8(5);
     let args = [
         "generate",
         &ckpt,
@@ -874,10 +866,7 @@ fn generate_with_an_f16_kv_cache() {
 /// as a line saying why, and a grouped bar chart.
 #[test]
 fn bench_compares_backends_side_by_side() {
-    let tmp = tempfile::tempdir().unwrap();
-    let ckpt = tmp.path().join("ckpt");
-    moe_model::checkpoint::save(&ckpt, &tiny_moe_of_8(4), None, false).unwrap();
-    let ckpt = ckpt.display().to_string();
+    let (tmp, ckpt) = saved_tiny_moe_of_8(4);
     let plot = tmp.path().join("bars.svg");
     let plot_s = plot.display().to_string();
     let args = [
