@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use crate::breakdown::{Breakdown, breakdown};
 use crate::sizes::BenchSizes;
-use crate::suite::{RATIOS, cases, moe_config};
+use crate::suite::{RATIOS, moe_config, selected_cases};
 use crate::timing::{BenchBudget, Read, matmul_gflops};
 
 /// One measured case.
@@ -61,10 +61,22 @@ pub fn run(
     sizes: &BenchSizes,
     budget: &BenchBudget,
 ) -> Read<BenchReport> {
+    run_selected(device, device_name, sizes, budget, &|_| true)
+}
+
+/// [`run`] for the cases whose names `select` accepts (and the breakdowns of those cases); the
+/// ratios are those whose two cases both ran.
+pub fn run_selected(
+    device: &Device,
+    device_name: &str,
+    sizes: &BenchSizes,
+    budget: &BenchBudget,
+    select: &dyn Fn(&str) -> bool,
+) -> Read<BenchReport> {
     let matmul = matmul_gflops(sizes, budget, device)?;
     let mut results = Vec::new();
     let mut failed = Vec::new();
-    for case in cases(sizes, device) {
+    for case in selected_cases(sizes, device, select) {
         let secs = match case.measure(budget) {
             Ok(secs) => secs,
             Err(error) => {
@@ -98,7 +110,10 @@ pub fn run(
     for (name, experts, d_ff) in [
         ("moe_top2_fwd", sizes.experts, sizes.expert_d_ff),
         ("moe_e64_top2_fwd", sizes.fine_experts, sizes.fine_d_ff),
-    ] {
+    ]
+    .into_iter()
+    .filter(|(name, ..)| select(name))
+    {
         let config = moe_config(sizes, experts, d_ff, RouterConfig::mixtral());
         match breakdown(name, sizes, config, budget, device) {
             Ok(b) => breakdowns.push(b),
@@ -141,7 +156,7 @@ mod tests {
         };
         let report = run(&Device::flex(), "flex", &sizes, &budget).unwrap();
         assert!(report.failed.is_empty(), "{:?}", report.failed);
-        assert_eq!(report.cases.len(), 14);
+        assert_eq!(report.cases.len(), 15);
         for c in &report.cases {
             assert!(c.tokens_per_s.is_finite() && c.tokens_per_s > 0.0, "{c:?}");
             assert!(c.gflops > 0.0, "{c:?}");
@@ -150,5 +165,30 @@ mod tests {
         assert!(report.ratios.values().all(|r| r.is_finite() && *r > 0.0));
         assert_eq!(report.breakdown.len(), 2);
         assert_eq!(report.breakdown[0].stages.len(), 6);
+    }
+
+    #[test]
+    fn a_selected_run_measures_only_the_selected_cases_and_their_ratios() {
+        let sizes = BenchSizes {
+            tokens: 16,
+            d_model: 8,
+            experts: 4,
+            expert_d_ff: 4,
+            fine_experts: 8,
+            fine_d_ff: 2,
+        };
+        let budget = BenchBudget {
+            min_iters: 1,
+            min_time: Duration::ZERO,
+            max_iters: 1,
+        };
+        let select = |name: &str| name.ends_with("active_fwd") || name == "moe_top2_fwd";
+        let report = run_selected(&Device::flex(), "flex", &sizes, &budget, &select).unwrap();
+        let names: Vec<_> = report.cases.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["dense_active_fwd", "moe_top2_fwd"]);
+        let ratios: Vec<_> = report.ratios.keys().map(String::as_str).collect();
+        assert_eq!(ratios, ["moe_vs_dense_active_fwd"]);
+        assert_eq!(report.breakdown.len(), 1);
+        assert_eq!(report.breakdown[0].case, "moe_top2_fwd");
     }
 }

@@ -18,81 +18,121 @@ pub(crate) fn moe_config(
     MoeLayerConfig::new(s.d_model, d_ff, experts).with_router(router)
 }
 
-/// Every case of a `moe bench` run, in reporting order.
-pub fn cases(s: &BenchSizes, device: &Device) -> Vec<BenchCase> {
+/// What a case measures, before anything is allocated.
+enum CaseSpec {
+    /// A dense SwiGLU FFN of this width; forward+backward when `backward`.
+    Dense { d_ff: usize, backward: bool },
+    /// An MoE layer; forward+backward when `backward`.
+    Moe {
+        config: MoeLayerConfig,
+        backward: bool,
+    },
+    /// A whole model's forward pass.
+    Model(Box<ModelConfig>),
+}
+
+impl CaseSpec {
+    fn build(self, name: &str, s: &BenchSizes, device: &Device) -> BenchCase {
+        match self {
+            Self::Dense { d_ff, backward } => dense_case(name, s, d_ff, backward, device),
+            Self::Moe { config, backward } => moe_case(name, s, config, backward, device),
+            Self::Model(config) => model_case(name, &config, device),
+        }
+    }
+}
+
+/// Every case of a `moe bench` run, in reporting order, by name.
+fn specs(s: &BenchSizes) -> Vec<(&'static str, CaseSpec)> {
     let dense_active = s.expert_d_ff * 2;
     let dense_total = s.fine_d_ff * s.fine_experts;
     let e8 = |router: RouterConfig| moe_config(s, s.experts, s.expert_d_ff, router);
     let e64 = moe_config(s, s.fine_experts, s.fine_d_ff, RouterConfig::mixtral());
+    let dense = |d_ff, backward| CaseSpec::Dense { d_ff, backward };
+    let fwd = |config| CaseSpec::Moe {
+        config,
+        backward: false,
+    };
     let model = ModelConfig::new();
     vec![
-        dense_case("dense_active_fwd", s, dense_active, false, device),
-        moe_case(
-            "moe_top2_fwd",
-            s,
-            e8(RouterConfig::mixtral()),
-            false,
-            device,
-        ),
-        moe_case(
+        ("dense_active_fwd", dense(dense_active, false)),
+        ("moe_top2_fwd", fwd(e8(RouterConfig::mixtral()))),
+        (
             "moe_top2_segments_fwd",
-            s,
-            e8(RouterConfig::mixtral()).with_compute(ExpertCompute::Segments),
-            false,
-            device,
+            fwd(e8(RouterConfig::mixtral()).with_compute(ExpertCompute::Segments)),
         ),
-        moe_case(
+        (
+            "moe_top2_padded_fwd",
+            fwd(e8(RouterConfig::mixtral()).with_compute(ExpertCompute::Padded)),
+        ),
+        (
             "moe_top2_capacity1.25_fwd",
-            s,
-            e8(RouterConfig::mixtral()).with_capacity_factor(Some(1.25)),
-            false,
-            device,
+            fwd(e8(RouterConfig::mixtral()).with_capacity_factor(Some(1.25))),
         ),
-        moe_case(
+        (
             "moe_switch_top1_fwd",
-            s,
-            moe_config(s, s.experts, dense_active, RouterConfig::switch()),
-            false,
-            device,
+            fwd(moe_config(
+                s,
+                s.experts,
+                dense_active,
+                RouterConfig::switch(),
+            )),
         ),
-        moe_case(
+        (
             "moe_deepseek_top2_fwd",
-            s,
-            e8(RouterConfig::deepseek_v3(2)),
-            false,
-            device,
+            fwd(e8(RouterConfig::deepseek_v3(2))),
         ),
-        moe_case(
+        (
             "moe_expert_choice_fwd",
-            s,
-            e8(RouterConfig::expert_choice(2)),
-            false,
-            device,
+            fwd(e8(RouterConfig::expert_choice(2))),
         ),
-        dense_case("dense_active_fwd_bwd", s, dense_active, true, device),
-        moe_case(
+        ("dense_active_fwd_bwd", dense(dense_active, true)),
+        (
             "moe_top2_fwd_bwd",
-            s,
-            e8(RouterConfig::mixtral()),
-            true,
-            device,
+            CaseSpec::Moe {
+                config: e8(RouterConfig::mixtral()),
+                backward: true,
+            },
         ),
-        dense_case("dense_total_e64_fwd", s, dense_total, false, device),
-        moe_case("moe_e64_top2_fwd", s, e64.clone(), false, device),
-        moe_case(
+        ("dense_total_e64_fwd", dense(dense_total, false)),
+        ("moe_e64_top2_fwd", fwd(e64.clone())),
+        (
             "moe_e64_top2_segments_fwd",
-            s,
-            e64.with_compute(ExpertCompute::Segments),
-            false,
-            device,
+            fwd(e64.with_compute(ExpertCompute::Segments)),
         ),
-        model_case("model_moe_fwd", &model, device),
-        model_case(
+        ("model_moe_fwd", CaseSpec::Model(Box::new(model.clone()))),
+        (
             "model_dense_fwd",
-            &model.dense_equivalent().with_ffn_plan(FfnPlan::AllDense),
-            device,
+            CaseSpec::Model(Box::new(
+                model.dense_equivalent().with_ffn_plan(FfnPlan::AllDense),
+            )),
         ),
     ]
+}
+
+/// The names of every case, in reporting order (nothing is built).
+pub fn case_names() -> Vec<&'static str> {
+    specs(&BenchSizes::default())
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect()
+}
+
+/// Every case of a `moe bench` run, in reporting order.
+pub fn cases(s: &BenchSizes, device: &Device) -> Vec<BenchCase> {
+    selected_cases(s, device, &|_| true)
+}
+
+/// The cases whose names `select` accepts, in reporting order; the others are never built.
+pub fn selected_cases(
+    s: &BenchSizes,
+    device: &Device,
+    select: &dyn Fn(&str) -> bool,
+) -> Vec<BenchCase> {
+    specs(s)
+        .into_iter()
+        .filter(|(name, _)| select(name))
+        .map(|(name, spec)| spec.build(name, s, device))
+        .collect()
 }
 
 /// The ratios the targets are stated in: (name, MoE case, dense case).

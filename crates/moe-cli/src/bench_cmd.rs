@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use moe_bench::{
-    BackendRun, BenchBudget, BenchReport, BenchSizes, Comparison, DecodeCase, decode_model,
-    decode_speed, run,
+    BackendRun, BenchBudget, BenchReport, BenchSizes, Comparison, DecodeCase, case_names,
+    decode_model, decode_speed, run_selected,
 };
 
 use crate::budget::{BudgetArgs, KvCacheArgs};
@@ -30,6 +30,10 @@ pub struct BenchArgs {
     /// Tokens per call (default 2048, the size the targets are stated for).
     #[arg(long)]
     tokens: Option<usize>,
+    /// Only the layer cases whose names contain one of these (comma-separated), e.g.
+    /// `moe_top2,dense_active`; the ratios of the cases run. Default: every case.
+    #[arg(long, value_delimiter = ',', conflicts_with = "decode")]
+    cases: Vec<String>,
     /// Instead of the layer cases, prefill and greedy decode speed of a whole model: this
     /// checkpoint, or without one a built-in random MoE (d_model 512, 4 layers, 8 experts of
     /// d_ff 1024, top-2, 53M parameters).
@@ -58,6 +62,13 @@ pub struct BenchArgs {
     budget: BudgetArgs,
     #[command(flatten)]
     kv: KvCacheArgs,
+}
+
+impl BenchArgs {
+    /// Whether `--cases` selects the layer case `name`.
+    fn selects(&self, name: &str) -> bool {
+        self.cases.is_empty() || self.cases.iter().any(|c| name.contains(c.as_str()))
+    }
 }
 
 /// The project's targets for each ratio (flex, release build, 2 cores).
@@ -215,7 +226,8 @@ fn bench_layers(a: &BenchArgs, name: &str) -> anyhow::Result<BenchReport> {
             sizes.tokens, sizes.d_model
         );
     }
-    run(&device, name, &sizes, &budget).map_err(|e| anyhow::anyhow!("the device failed: {e}"))
+    run_selected(&device, name, &sizes, &budget, &|case| a.selects(case))
+        .map_err(|e| anyhow::anyhow!("the device failed: {e}"))
 }
 
 /// Runs the cases on one backend; a panic inside the backend is an error like any other.
@@ -247,6 +259,13 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
     for name in &a.device {
         name.parse::<moe_core::DeviceSpec>()?;
     }
+    let names = case_names();
+    anyhow::ensure!(
+        names.iter().any(|n| a.selects(n)),
+        "--cases {} matches no case; the cases are {}",
+        a.cases.join(","),
+        names.join(", ")
+    );
     if let [name] = &a.device[..] {
         let measured = measure(&a, name).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
         if let Some(plot) = &a.plot {

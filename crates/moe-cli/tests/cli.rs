@@ -862,6 +862,34 @@ fn generate_with_an_f16_kv_cache() {
     );
 }
 
+/// `moe bench --cases`: only the layer cases whose names contain one of those given run (no
+/// ratio lacks one of its cases), and a name that matches no case is a one-line error.
+#[test]
+fn bench_runs_only_the_selected_cases() {
+    let args = ["bench", "--quick", "--tokens", "16", "--cases"];
+    let o = moe(&[&args[..], &["moe_top2_padded,dense_active", "--json"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let names: Vec<&str> = out["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    let expected = [
+        "dense_active_fwd",
+        "moe_top2_padded_fwd",
+        "dense_active_fwd_bwd",
+    ];
+    assert_eq!(names, expected);
+    assert_eq!(out["ratios"], serde_json::json!({}));
+    assert_eq!(out["breakdown"], serde_json::json!([]));
+    let o = moe(&[&args[..], &["nothing"]].concat());
+    assert!(!o.status.success());
+    assert_eq!(stderr(&o).trim().lines().count(), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("matches no case"), "{}", stderr(&o));
+}
+
 /// `moe bench --device A,B,C`: the same cases on each backend in one table, a backend that fails
 /// as a line saying why, and a grouped bar chart.
 #[test]
