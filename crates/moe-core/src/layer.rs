@@ -18,10 +18,9 @@ pub enum ExpertCompute {
     /// In training, padded blocks, with a second tier for busy experts when routing is uneven
     /// ([`ExpertLayout::Tiered`](crate::dispatch::ExpertLayout::Tiered)): the work stays within
     /// `4 sqrt(E)` times the assignments however collapsed the routing. In inference, segments
-    /// on a host CPU backend (their chains
-    /// run side by side on the cores); elsewhere segments when experts get many rows each or
-    /// loads are very uneven, padded batches otherwise (see
-    /// [`SEGMENT_MIN_ROWS`](crate::dispatch::SEGMENT_MIN_ROWS)).
+    /// on a host CPU backend (their chains run side by side on the cores); elsewhere padded
+    /// batches, unless loads are so uneven that padding would more than double the rows (see
+    /// [`LayoutChoice::DroplessAuto`](crate::dispatch::LayoutChoice::DroplessAuto)).
     Auto,
     /// One batched matmul over `[E, C, d]` blocks padded to the busiest expert.
     Padded,

@@ -97,18 +97,13 @@ pub enum LayoutChoice {
     DroplessTiered,
     /// Exact runs per expert; nothing dropped. Inference only.
     DroplessSegments,
-    /// Exact runs on a host CPU backend, or elsewhere when experts get many rows each (or
-    /// padding would more than double the rows); padded blocks otherwise. Nothing dropped.
-    /// Inference only.
+    /// Exact runs on a host CPU backend, where their chains run side by side on the cores
+    /// ([`crate::host::map_on_cores`]). Elsewhere (wgpu) padded blocks, one batched matmul,
+    /// unless padding would more than double the rows: on a GPU one matmul per expert leaves
+    /// most of it idle (on an H200, 8 experts of 512 rows ran 2.5-2.7x slower as runs than as
+    /// padded blocks; docs/benchmarks.md). Nothing dropped. Inference only.
     DroplessAuto,
 }
-
-/// Mean rows per busy expert from which [`LayoutChoice::DroplessAuto`] cuts exact runs on an
-/// asynchronous device (wgpu): one matmul per expert is then efficient and padding is pure
-/// waste. Below it (fine-grained experts), one batched matmul beats many small ones there. On a
-/// host CPU backend exact runs always win, because their chains run side by side on the cores
-/// ([`crate::host::map_on_cores`]); docs/benchmarks.md has the measurements.
-pub const SEGMENT_MIN_ROWS: usize = 128;
 
 /// Per-expert capacity `ceil(factor * tokens * k / E)`, at least 1 and at most `max(tokens, 1)`.
 /// `tokens` counts real tokens only, so padding never changes what real tokens get.
@@ -165,8 +160,7 @@ fn tiered(counts: &[usize]) -> Option<ExpertLayout> {
 fn auto_cuts_runs(counts: &[usize], on_host: bool) -> bool {
     let total: usize = counts.iter().sum();
     let busiest = counts.iter().copied().max().unwrap_or(0);
-    let busy = counts.iter().filter(|&&c| c > 0).count().max(1);
-    total > 0 && (on_host || total >= SEGMENT_MIN_ROWS * busy || counts.len() * busiest > 2 * total)
+    total > 0 && (on_host || counts.len() * busiest > 2 * total)
 }
 
 #[cfg(test)]
@@ -174,16 +168,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn auto_pads_small_even_loads_off_host_and_cuts_runs_otherwise() {
+    fn auto_pads_off_host_unless_padding_more_than_doubles_the_rows() {
         // 8 experts, 8 assignments. Even: 4 experts take 2 each, padding to 2 rows each makes
         // 16 rows, exactly double: padded off the host. Skewed: expert 0 takes 4, padding would
-        // make 32 rows for 8: runs.
+        // make 32 rows for 8: runs. Many rows each, evenly: padded (one batched matmul).
         let even = [2, 2, 2, 2, 0, 0, 0, 0];
         let skewed = [4, 2, 1, 1, 0, 0, 0, 0];
-        let many = [SEGMENT_MIN_ROWS, SEGMENT_MIN_ROWS, 0, 0, 0, 0, 0, 0];
+        let many = [512, 530, 498, 512, 505, 520, 511, 508];
         assert!(!auto_cuts_runs(&even, false));
         assert!(auto_cuts_runs(&skewed, false));
-        assert!(auto_cuts_runs(&many, false));
+        assert!(!auto_cuts_runs(&many, false));
+        assert!(auto_cuts_runs(&many, true));
         // On the host, chains run side by side: always runs, unless nothing was routed.
         assert!(auto_cuts_runs(&even, true));
         assert!(!auto_cuts_runs(&[0; 8], true));

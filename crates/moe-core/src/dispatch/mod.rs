@@ -13,7 +13,7 @@
 mod layout;
 pub mod plan;
 
-pub use layout::{ExpertLayout, LayoutChoice, SEGMENT_MIN_ROWS, capacity};
+pub use layout::{ExpertLayout, LayoutChoice, capacity};
 
 use burn::prelude::*;
 use burn::tensor::IndexingUpdateOp;
