@@ -16,8 +16,8 @@ use moe_train::run::TrainerState;
 use moe_train::{ByteTokenizer, Start, Tokenizer};
 
 use crate::args::{RouterKind, TrainFlags, over_defaults};
-use crate::resolve_checkpoint;
 use crate::train_cmds::{corpus, run_corpus, stop_flag};
+use crate::{load_for_inference, resolve_checkpoint};
 
 /// Arguments of `moe branch`.
 #[derive(Args, Debug)]
@@ -290,11 +290,7 @@ pub struct BtmArgs {
 /// against other models on the same positions.
 pub fn btm(a: BtmArgs) -> anyhow::Result<()> {
     let device = crate::device(&a.device)?;
-    let load = |p: &PathBuf| -> anyhow::Result<(PathBuf, checkpoint::Checkpoint)> {
-        let dir = resolve_checkpoint(p)?;
-        let ckpt = checkpoint::load(&dir, &device)?.for_inference();
-        Ok((dir, ckpt))
-    };
+    let load = |p: &PathBuf| load_for_inference(p, &device);
     let branches = a
         .branches
         .iter()

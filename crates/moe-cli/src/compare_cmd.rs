@@ -5,11 +5,10 @@ use std::path::{Path, PathBuf};
 use anyhow::bail;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use moe_model::checkpoint;
 use moe_train::compare::{Comparison, GroupLosses, group_runs};
 use moe_train::eval::domain_losses;
 
-use crate::resolve_checkpoint;
+use crate::load_for_inference;
 use crate::train_cmds::{parse_windows, run_corpus};
 
 /// Arguments of `moe compare`.
@@ -100,8 +99,7 @@ fn evaluate_run(
     windows: Option<usize>,
     device: &burn::prelude::Device,
 ) -> anyhow::Result<(Vec<String>, Vec<f64>, Option<u64>)> {
-    let ckpt_dir = resolve_checkpoint(dir)?;
-    let ckpt = checkpoint::load(&ckpt_dir, device)?.for_inference();
+    let (ckpt_dir, ckpt) = load_for_inference(dir, device)?;
     let tokenizer = moe_train::hf_tokenizer::for_checkpoint(&ckpt_dir, ckpt.tokenizer.as_ref())?;
     let (corpus, run) = run_corpus(&ckpt_dir, data, tokenizer.as_ref())?;
     let seq_len = run.seq_len.min(ckpt.model.config.max_seq_len);

@@ -208,3 +208,14 @@ pub(crate) fn resolve_checkpoint(path: &Path) -> anyhow::Result<PathBuf> {
     }
     Ok(announce(moe_train::train::resolve_latest(path)?))
 }
+
+/// The checkpoint a path names ([`resolve_checkpoint`]), loaded fully resident on `device` and
+/// laid out for inference; with the directory it was read from.
+pub(crate) fn load_for_inference(
+    path: &Path,
+    device: &burn::prelude::Device,
+) -> anyhow::Result<(PathBuf, moe_model::checkpoint::Checkpoint)> {
+    let dir = resolve_checkpoint(path)?;
+    let ckpt = moe_model::checkpoint::load(&dir, device)?.for_inference();
+    Ok((dir, ckpt))
+}

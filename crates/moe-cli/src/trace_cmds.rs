@@ -11,7 +11,7 @@ use moe_model::store::parse_size;
 use moe_train::TrainConfig;
 use moe_train::trace::Trace;
 
-use crate::resolve_checkpoint;
+use crate::load_for_inference;
 use crate::train_cmds::corpus;
 
 /// Arguments of `moe trace`.
@@ -42,8 +42,7 @@ pub fn trace(a: TraceArgs) -> anyhow::Result<()> {
         bail!("--tokens and --seq-len must be at least 1");
     }
     let device = crate::device(&a.device)?;
-    let dir = resolve_checkpoint(&a.checkpoint)?;
-    let ckpt = moe_model::checkpoint::load(&dir, &device)?.for_inference();
+    let (dir, ckpt) = load_for_inference(&a.checkpoint, &device)?;
     if ckpt.model.config.n_moe_layers() == 0 {
         bail!("{}: a dense model has no experts to trace", dir.display());
     }
