@@ -38,6 +38,8 @@ def main():
     p.add_argument("--skip", type=int, default=0, help="leave out the first N kernels")
     p.add_argument("--top", type=int, default=15)
     a = p.parse_args()
+    if a.per <= 0:
+        p.error("--per must be positive")
     runs = list(kernels(a.log))[a.skip :]
     by_name = collections.defaultdict(lambda: [0, 0.0])
     for name, ms in runs:

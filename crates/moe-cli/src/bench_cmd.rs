@@ -30,8 +30,9 @@ pub struct BenchArgs {
     /// Tokens per call (default 2048, the size the targets are stated for).
     #[arg(long)]
     tokens: Option<usize>,
-    /// Only the layer cases whose names contain one of these (comma-separated), e.g.
-    /// `moe_top2,dense_active`; the ratios of the cases run. Default: every case.
+    /// Only these layer cases (comma-separated): a case's full name selects that case alone,
+    /// any other text every case whose name contains it, e.g. `moe_top2_fwd,dense_active`;
+    /// the ratios of the cases run. Default: every case.
     #[arg(long, value_delimiter = ',', conflicts_with = "decode")]
     cases: Vec<String>,
     /// Instead of the layer cases, prefill and greedy decode speed of a whole model: this
@@ -67,7 +68,16 @@ pub struct BenchArgs {
 impl BenchArgs {
     /// Whether `--cases` selects the layer case `name`.
     fn selects(&self, name: &str) -> bool {
-        self.cases.is_empty() || self.cases.iter().any(|c| name.contains(c.as_str()))
+        self.cases.is_empty() || self.cases.iter().any(|c| selects(c, name))
+    }
+}
+
+/// Whether the `--cases` entry `wanted` selects the layer case `name`: a full case name only
+/// itself, other text every name containing it.
+fn selects(wanted: &str, name: &str) -> bool {
+    match case_names().contains(&wanted) {
+        true => wanted == name,
+        false => name.contains(wanted),
     }
 }
 
@@ -260,12 +270,13 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
         name.parse::<moe_core::DeviceSpec>()?;
     }
     let names = case_names();
-    anyhow::ensure!(
-        names.iter().any(|n| a.selects(n)),
-        "--cases {} matches no case; the cases are {}",
-        a.cases.join(","),
-        names.join(", ")
-    );
+    if let Some(c) = (a.cases.iter()).find(|c| c.is_empty() || !names.iter().any(|n| selects(c, n)))
+    {
+        anyhow::bail!(
+            "--cases: '{c}' matches no case; the cases are {}",
+            names.join(", ")
+        );
+    }
     if let [name] = &a.device[..] {
         let measured = measure(&a, name).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
         if let Some(plot) = &a.plot {

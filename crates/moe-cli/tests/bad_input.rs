@@ -467,6 +467,11 @@ const CASES: &[(&str, &str, &str)] = &[
         "only generate does",
     ),
     (
+        "bench cases that match no case",
+        "bench --cases moe_topp --quick",
+        "moe_topp",
+    ),
+    (
         "an unknown backend in a bench list",
         "bench --device flex,cuda9 --quick",
         "cuda9",

@@ -862,8 +862,9 @@ fn generate_with_an_f16_kv_cache() {
     );
 }
 
-/// `moe bench --cases`: only the layer cases whose names contain one of those given run (no
-/// ratio lacks one of its cases), and a name that matches no case is a one-line error.
+/// `moe bench --cases`: only the layer cases selected run (a full name selects that case alone,
+/// other text every case containing it), no ratio lacks one of its cases, and a name that
+/// matches no case is a one-line error, also beside names that do.
 #[test]
 fn bench_runs_only_the_selected_cases() {
     let args = ["bench", "--quick", "--tokens", "16", "--cases"];
@@ -884,10 +885,22 @@ fn bench_runs_only_the_selected_cases() {
     assert_eq!(names, expected);
     assert_eq!(out["ratios"], serde_json::json!({}));
     assert_eq!(out["breakdown"], serde_json::json!([]));
-    let o = moe(&[&args[..], &["nothing"]].concat());
-    assert!(!o.status.success());
-    assert_eq!(stderr(&o).trim().lines().count(), 1, "{}", stderr(&o));
-    assert!(stderr(&o).contains("matches no case"), "{}", stderr(&o));
+    let o = moe(&[&args[..], &["dense_active_fwd,moe_top2_fwd", "--json"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(
+        out["cases"].as_array().unwrap().len(),
+        2,
+        "not the _bwd cases"
+    );
+    let ratios: Vec<&String> = out["ratios"].as_object().unwrap().keys().collect();
+    assert_eq!(ratios, ["moe_vs_dense_active_fwd"]);
+    for wrong in ["nothing", "moe_top2_padded,nothing", "moe_top2,"] {
+        let o = moe(&[&args[..], &[wrong]].concat());
+        assert!(!o.status.success(), "{wrong}");
+        assert_eq!(stderr(&o).trim().lines().count(), 1, "{}", stderr(&o));
+        assert!(stderr(&o).contains("matches no case"), "{}", stderr(&o));
+    }
 }
 
 /// `moe bench --device A,B,C`: the same cases on each backend in one table, a backend that fails

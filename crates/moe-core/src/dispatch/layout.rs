@@ -100,7 +100,7 @@ pub enum LayoutChoice {
     /// Exact runs on a host CPU backend, where their chains run side by side on the cores
     /// ([`crate::host::map_on_cores`]). Elsewhere (wgpu) padded blocks, one batched matmul,
     /// unless padding would more than double the rows: on a GPU one matmul per expert leaves
-    /// most of it idle (on an H200, 8 experts of 512 rows ran 2.5-2.7x slower as runs than as
+    /// most of it idle (on an H200, 8 experts of 512 rows ran 2.6-2.7x slower as runs than as
     /// padded blocks; docs/benchmarks.md). Nothing dropped. Inference only.
     DroplessAuto,
 }
