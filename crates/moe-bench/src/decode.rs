@@ -45,7 +45,11 @@ pub fn decode_model() -> ModelConfig {
 /// checkpoint's weights are read from its file on first use, and so many tokens reach every
 /// expert of a routed layer (unless its routing has collapsed), so no timed run pays for those
 /// reads. Under an expert budget the timed runs still read the experts they evict and route to
-/// again: that is what such a run measures.
+/// again: that is what such a run measures. Then each case runs untimed once with its own
+/// shapes (its prefill and [`WARM_UP_STEPS`] decode steps) before it is timed: what a backend
+/// does once per shape (wgpu compiles its kernels: on an H200 a case's first prefill at batch 1 ran
+/// 40-140 times slower than its second; every backend first touches its buffers' memory) is not
+/// what a prefill or a decode step costs, and the peers it is compared with are timed warm.
 pub fn decode_speed(
     model: &MoeLm,
     batches: &[usize],
@@ -63,26 +67,39 @@ pub fn decode_speed(
         return Err("a batch must hold at least 1 sequence".into());
     }
     if max > 1 {
-        run_once(model, 1, WARM_UP_TOKENS.min(max - 1), 1);
+        run_once(model, 1, WARM_UP_TOKENS.min(max - 1), 1, 1);
     }
     Ok(batches
         .iter()
         .flat_map(|&b| contexts.iter().map(move |&c| (b, c)))
-        .map(|(b, c)| run_once(model, b, c, new_tokens))
+        .map(|(b, c)| {
+            run_once(model, b, c, WARM_UP_STEPS.min(new_tokens), new_tokens);
+            run_once(model, b, c, new_tokens, new_tokens)
+        })
         .collect())
 }
 
 /// Prompt length of the untimed warm-up run.
 pub const WARM_UP_TOKENS: usize = 256;
 
-/// One prefill of `batch` prompts of `context` ids and `new_tokens` decode steps, timed.
-fn run_once(model: &MoeLm, batch: usize, context: usize, new_tokens: usize) -> DecodeCase {
+/// Decode steps of each case's untimed run.
+pub const WARM_UP_STEPS: usize = 2;
+
+/// One prefill of `batch` prompts of `context` ids and `new_tokens` decode steps, timed, with a
+/// cache for `reserve` new tokens.
+fn run_once(
+    model: &MoeLm,
+    batch: usize,
+    context: usize,
+    new_tokens: usize,
+    reserve: usize,
+) -> DecodeCase {
     let device = model.embed.weight.val().device();
     let vocab = model.config.vocab_size as i64;
     let prompt: Vec<i64> = (0..batch as i64)
         .flat_map(|r| (0..context as i64).map(move |i| (i * 7919 + 13 + r * 104_729) % vocab))
         .collect();
-    let mut cache = model.new_cache(Vec::new(), context + new_tokens);
+    let mut cache = model.new_cache(Vec::new(), context + reserve);
     let start = Instant::now();
     let mut next = step(model, &prompt, batch, &mut cache, &device);
     let prefill = start.elapsed().as_secs_f64();
