@@ -47,9 +47,10 @@ pub fn decode_model() -> ModelConfig {
 /// reads. Under an expert budget the timed runs still read the experts they evict and route to
 /// again: that is what such a run measures. Then each case runs untimed once with its own
 /// shapes (its prefill and [`WARM_UP_STEPS`] decode steps) before it is timed: what a backend
-/// does once per shape (wgpu compiles its kernels: on an H200 a case's first prefill at batch 1 ran
-/// 40-140 times slower than its second; every backend first touches its buffers' memory) is not
-/// what a prefill or a decode step costs, and the peers it is compared with are timed warm.
+/// does once per shape (wgpu compiles its kernels: on an H200 a case's first prefill at batch
+/// 1 ran 40-140 times slower than its second; every backend first touches its buffers' memory)
+/// is not what a prefill or a decode step costs, and the peers it is compared with are timed
+/// warm.
 pub fn decode_speed(
     model: &MoeLm,
     batches: &[usize],
