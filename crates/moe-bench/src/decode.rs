@@ -15,8 +15,11 @@ pub struct DecodeCase {
     pub batch: usize,
     /// Prompt tokens run before decoding.
     pub context: usize,
-    /// Prompt tokens per second of the prefill pass.
+    /// Prompt tokens per second of the prefill pass (the case's second: see [`decode_speed`]).
     pub prefill_tokens_per_s: f64,
+    /// The same, the first time this process ran the case's shapes: on wgpu it includes
+    /// compiling their kernels, which a fresh `moe generate` pays before its first token.
+    pub first_prefill_tokens_per_s: f64,
     /// New tokens per second of the decode steps.
     pub decode_tokens_per_s: f64,
     /// New tokens decoded per sequence.
@@ -74,8 +77,11 @@ pub fn decode_speed(
         .iter()
         .flat_map(|&b| contexts.iter().map(move |&c| (b, c)))
         .map(|(b, c)| {
-            run_once(model, b, c, WARM_UP_STEPS.min(new_tokens), new_tokens);
-            run_once(model, b, c, new_tokens, new_tokens)
+            let first = run_once(model, b, c, WARM_UP_STEPS.min(new_tokens), new_tokens);
+            DecodeCase {
+                first_prefill_tokens_per_s: first.prefill_tokens_per_s,
+                ..run_once(model, b, c, new_tokens, new_tokens)
+            }
         })
         .collect())
 }
@@ -113,6 +119,7 @@ fn run_once(
         batch,
         context,
         prefill_tokens_per_s: (batch * context) as f64 / prefill.max(1e-9),
+        first_prefill_tokens_per_s: (batch * context) as f64 / prefill.max(1e-9),
         decode_tokens_per_s: (batch * new_tokens) as f64 / decode.max(1e-9),
         new_tokens,
     }

@@ -192,13 +192,17 @@ fn print_decode(d: &DecodeRun, new_tokens: usize) {
         d.model, d.device, d.kv_cache
     );
     println!(
-        "{:>6} {:>8} {:>16} {:>16}",
-        "batch", "context", "prefill tok/s", "decode tok/s"
+        "{:>6} {:>8} {:>16} {:>16} {:>20}",
+        "batch", "context", "prefill tok/s", "decode tok/s", "first prefill tok/s"
     );
     for c in &d.cases {
         println!(
-            "{:>6} {:>8} {:>16.1} {:>16.2}",
-            c.batch, c.context, c.prefill_tokens_per_s, c.decode_tokens_per_s
+            "{:>6} {:>8} {:>16.1} {:>16.2} {:>20.1}",
+            c.batch,
+            c.context,
+            c.prefill_tokens_per_s,
+            c.decode_tokens_per_s,
+            c.first_prefill_tokens_per_s
         );
     }
     for c in &d.skipped_contexts {

@@ -790,6 +790,7 @@ fn bench_decode_of_a_checkpoint() {
     assert_eq!(out["skipped_contexts"], serde_json::json!([200]));
     for c in cases {
         assert!(c["prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert!(c["first_prefill_tokens_per_s"].as_f64().unwrap() > 0.0);
         assert!(c["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
     }
     let o = moe(&[&args[..], &["--expert-budget", "40KiB"]].concat());
