@@ -115,11 +115,13 @@ fn run_once(
         next = step(model, &next, batch, &mut cache, &device);
     }
     let decode = start.elapsed().as_secs_f64();
+    let prefill_tokens_per_s = (batch * context) as f64 / prefill.max(1e-9);
     DecodeCase {
         batch,
         context,
-        prefill_tokens_per_s: (batch * context) as f64 / prefill.max(1e-9),
-        first_prefill_tokens_per_s: (batch * context) as f64 / prefill.max(1e-9),
+        prefill_tokens_per_s,
+        // This run's own prefill; `decode_speed` replaces it with the case's untimed first run.
+        first_prefill_tokens_per_s: prefill_tokens_per_s,
         decode_tokens_per_s: (batch * new_tokens) as f64 / decode.max(1e-9),
         new_tokens,
     }

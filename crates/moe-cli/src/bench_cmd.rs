@@ -68,14 +68,15 @@ pub struct BenchArgs {
 impl BenchArgs {
     /// Whether `--cases` selects the layer case `name`.
     fn selects(&self, name: &str) -> bool {
-        self.cases.is_empty() || self.cases.iter().any(|c| selects(c, name))
+        let names = case_names();
+        self.cases.is_empty() || self.cases.iter().any(|c| selects(c, name, &names))
     }
 }
 
-/// Whether the `--cases` entry `wanted` selects the layer case `name`: a full case name only
-/// itself, other text every name containing it.
-fn selects(wanted: &str, name: &str) -> bool {
-    match case_names().contains(&wanted) {
+/// Whether the `--cases` entry `wanted` selects the layer case `name`, among the case names
+/// `names`: a full case name only itself, other text every name containing it.
+fn selects(wanted: &str, name: &str, names: &[&str]) -> bool {
+    match names.contains(&wanted) {
         true => wanted == name,
         false => name.contains(wanted),
     }
@@ -274,8 +275,8 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
         name.parse::<moe_core::DeviceSpec>()?;
     }
     let names = case_names();
-    if let Some(c) = (a.cases.iter()).find(|c| c.is_empty() || !names.iter().any(|n| selects(c, n)))
-    {
+    let matches_none = |c: &&String| c.is_empty() || !names.iter().any(|n| selects(c, n, &names));
+    if let Some(c) = a.cases.iter().find(matches_none) {
         anyhow::bail!(
             "--cases: '{c}' matches no case; the cases are {}",
             names.join(", ")
