@@ -264,6 +264,13 @@ fn random_router_controls_are_reproducible_and_bounded(
         assert_eq!(c.layers.len(), 2);
         let layer_mean = c.layers.iter().sum::<f64>() / 2.0;
         assert!((layer_mean - c.nmi.mean).abs() < 1e-9, "{c:?}");
+        let cmi = c.layers_conditional_mi.as_ref().expect("token choice");
+        assert_eq!(cmi.len(), 2);
+        let cmi_mean = cmi.iter().sum::<f64>() / 2.0;
+        assert!(
+            (cmi_mean - c.conditional_mi.unwrap().mean).abs() < 1e-9,
+            "{c:?}"
+        );
     }
     let again = controls();
     for (a, b) in first.iter().zip(&again) {

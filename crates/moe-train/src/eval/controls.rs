@@ -4,7 +4,7 @@
 use moe_model::MoeLm;
 use serde::Serialize;
 
-use super::{EvalReport, evaluate};
+use super::{EvalReport, RoutingTable, evaluate};
 use crate::interval::Interval;
 
 /// The specialisation measures of a random-router control over several random draws, each a
@@ -21,6 +21,9 @@ pub struct NmiControl {
     pub conditional_mi: Option<Interval>,
     /// Per MoE layer, the mean NMI over the draws.
     pub layers: Vec<f64>,
+    /// Per MoE layer, the mean `I(D;E | current token)` over the draws (nats), for token-choice
+    /// routers: what a trained model's layer is read against.
+    pub layers_conditional_mi: Option<Vec<f64>>,
 }
 
 impl NmiControl {
@@ -31,14 +34,23 @@ impl NmiControl {
         };
         let conditional: Option<Vec<f64>> = reports.iter().map(|r| r.mean_conditional_mi).collect();
         let n = reports.len().max(1) as f64;
+        let layers = reports.first().map_or(0, |r| r.tables.len());
+        let layer_mean = |f: &dyn Fn(&RoutingTable) -> Option<f64>| -> Option<Vec<f64>> {
+            (0..layers)
+                .map(|i| {
+                    let values: Option<Vec<f64>> =
+                        reports.iter().map(|r| f(&r.tables[i])).collect();
+                    values.map(|v| v.iter().sum::<f64>() / n)
+                })
+                .collect()
+        };
         Self {
             name: name.to_string(),
             nmi: of(&|r| r.mean_nmi),
             nmi_of_max: of(&|r| r.mean_nmi_of_max),
             conditional_mi: conditional.map(|c| Interval::of(&c)),
-            layers: (0..reports.first().map_or(0, |r| r.tables.len()))
-                .map(|i| reports.iter().map(|r| r.tables[i].nmi).sum::<f64>() / n)
-                .collect(),
+            layers: layer_mean(&|t| Some(t.nmi)).unwrap_or_default(),
+            layers_conditional_mi: layer_mean(&|t| t.conditional_mi),
         }
     }
 }

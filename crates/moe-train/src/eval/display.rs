@@ -73,7 +73,12 @@ impl fmt::Display for EvalReport {
             self.mean_nmi_of_max,
         )?;
         if let Some(c) = self.mean_conditional_mi {
-            writeln!(f, "mean I(domain; expert | current token): {c:.4} nats")?;
+            let layers = self.tables.iter().filter_map(|t| t.conditional_mi);
+            writeln!(
+                f,
+                "mean I(domain; expert | current token): {c:.4} nats (layers {})",
+                list(layers)
+            )?;
         }
         for c in &self.controls {
             write!(
@@ -85,6 +90,13 @@ impl fmt::Display for EvalReport {
                 write!(f, ", I(D;E|token) {cmi:.4} nats")?;
             }
             writeln!(f, " (95% intervals over {} draws)", c.nmi.n)?;
+            if let Some(layers) = &c.layers_conditional_mi {
+                writeln!(
+                    f,
+                    "  I(D;E|token) by layer: {}",
+                    list(layers.iter().copied())
+                )?;
+            }
         }
         Ok(())
     }
