@@ -3,7 +3,8 @@
 `seed-N/report.json` of an MoE run group (`moe train --seeds N --out GROUP`) and prints, for the
 trained routers and each random-router control, the mean over seeds and its 95% Student's t
 interval of NMI, NMI as a share of its reachable maximum and I(domain; expert | current token),
-then the per-seed ratios of the trained routers' conditional MI to each control's.
+then the per-seed ratios of the trained routers' conditional MI to each control's, overall and,
+where the reports carry the controls' per-layer figures (`layers_conditional_mi`), per MoE layer.
 
     python3 scripts/routing_summary.py runs/moe
 """
@@ -36,6 +37,7 @@ def main():
         sys.exit(f"error: no seed-N/report.json under {group}")
     rows = {"trained routers": {"nmi": [], "nmi_of_max": [], "conditional_mi": []}}
     ratios = {}
+    layer_ratios = {}
     for path in reports:
         r = json.loads(path.read_text())
         trained = rows["trained routers"]
@@ -49,6 +51,11 @@ def main():
             if c["conditional_mi"]["mean"] > 0:
                 ratios.setdefault(c["name"], []).append(
                     r["mean_conditional_mi"] / c["conditional_mi"]["mean"])
+            for i, control in enumerate(c.get("layers_conditional_mi") or []):
+                trained_layer = r["tables"][i]["conditional_mi"]
+                if control > 0:
+                    layer_ratios.setdefault(c["name"], {}).setdefault(i, []).append(
+                        trained_layer / control)
     print(f"{len(reports)} seeds: {', '.join(p.parent.name for p in reports)}")
     print(f"{'routing':<34} {'NMI':>16} {'NMI / max':>16} {'cond. MI (nats)':>16}")
     for name, row in rows.items():
@@ -58,6 +65,10 @@ def main():
         m, h = interval(xs)
         print(f"trained / {name}: conditional MI ratio {m:.2f} ± {h:.2f} "
               f"(per seed {min(xs):.2f}-{max(xs):.2f})")
+        for layer, ys in sorted(layer_ratios.get(name, {}).items()):
+            m, h = interval(ys)
+            print(f"  layer {layer}: {m:.2f} ± {h:.2f} over {len(ys)} seeds "
+                  f"(per seed {min(ys):.2f}-{max(ys):.2f})")
 
 
 if __name__ == "__main__":
