@@ -1,22 +1,26 @@
-//! Criterion benches of the host kernels a decode step runs on flex: decode attention over a
-//! cache of 16 to 4096 positions, held in f32 or f16, with the cache warm (back-to-back
-//! calls) and cold (a 64 MiB buffer read between calls, as a decode step's weights evict the
-//! cache between one layer's attention and the next token's).
+//! Criterion benches of the host kernels a decode step runs on flex:
+//! - decode attention over a cache of 16 to 4096 positions, held in f32 or f16, with the cache
+//!   warm (back-to-back calls) and cold (a 64 MiB buffer read between calls, as a decode step's
+//!   weights evict the cache between one layer's attention and the next token's);
+//! - one `[out, in]` SwiGLU expert (`swiglu_out_in`) on the 2 to 8 rows a batched decode step
+//!   gives it, warm and cold (as in a decode step, which reads each expert once); throughput in bytes of weights, so the
+//!   figure reads against the machine's read bandwidth.
 //!
 //! ```text
 //! cargo bench --workspace --bench kernels
 //! cargo bench --workspace --bench kernels -- decode_attention/f32   # one cache type
+//! cargo bench --workspace --bench kernels -- swiglu_out_in
 //! ```
 //!
-//! The shape is the Mixtral of docs/benchmarks.md at batch 1: 2 key/value heads of 8 query
-//! heads (groups of 4), head width 64.
+//! The shapes are the Mixtral of docs/benchmarks.md: at batch 1, 2 key/value heads of 8 query
+//! heads (groups of 4), head width 64; experts of d_model 512 and d_ff 1024.
 
 use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use half::f16;
-use moe::moe_core::kernels::{HostElement, KvRows, decode_attention};
+use moe::moe_core::kernels::{HostElement, KvRows, decode_attention, swiglu_out_in};
 
 const KV_HEADS: usize = 2;
 const GROUP: usize = 4;
@@ -82,9 +86,58 @@ fn bench_cache<E: HostElement>(c: &mut Criterion, name: &str, narrow: fn(f32) ->
     group.finish();
 }
 
+/// Reads every value of `w` (16 lanes of sums, which the compiler vectorises).
+fn read(w: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    for chunk in w.chunks_exact(16) {
+        for (a, x) in acc.iter_mut().zip(chunk) {
+            *a += x;
+        }
+    }
+    acc.iter().sum()
+}
+
+/// One expert of d_model 512 and d_ff 1024, its weights `[out, in]`, on 2, 4 and 8 rows, warm
+/// and cold.
+fn bench_swiglu(c: &mut Criterion) {
+    const D: usize = 512;
+    const F: usize = 1024;
+    let mut group = c.benchmark_group("swiglu_out_in");
+    group
+        .sample_size(30)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .throughput(Throughput::Bytes((3 * D * F * 4) as u64));
+    let flush = vec![1u64; 8 << 20];
+    let (gate, up, down) = (values(F * D, 4), values(F * D, 5), values(D * F, 6));
+    // The floor: the same weights only read, on one thread.
+    group.bench_function("cold/read", |b| {
+        b.iter_batched(
+            || black_box(evict(&flush)),
+            |_| black_box([&gate, &up, &down].map(|w| read(w))),
+            BatchSize::PerIteration,
+        )
+    });
+    for rows in [2, 4, 8] {
+        let x = values(rows * D, 7);
+        group.bench_function(format!("warm/{rows}"), |b| {
+            b.iter(|| black_box(swiglu_out_in(&x, rows, &gate, &up, &down)))
+        });
+        group.bench_function(format!("cold/{rows}"), |b| {
+            b.iter_batched(
+                || black_box(evict(&flush)),
+                |_| black_box(swiglu_out_in(&x, rows, &gate, &up, &down)),
+                BatchSize::PerIteration,
+            )
+        });
+    }
+    group.finish();
+}
+
 fn kernels(c: &mut Criterion) {
     bench_cache::<f32>(c, "f32", |x| x);
     bench_cache::<f16>(c, "f16", f16::from_f32);
+    bench_swiglu(c);
 }
 
 criterion_group!(benches, kernels);
