@@ -3,8 +3,9 @@
 //!   warm (back-to-back calls) and cold (a 64 MiB buffer read between calls, as a decode step's
 //!   weights evict the cache between one layer's attention and the next token's);
 //! - one `[out, in]` SwiGLU expert (`swiglu_out_in`) on the 2 to 8 rows a batched decode step
-//!   gives it, warm and cold (as in a decode step, which reads each expert once); throughput in bytes of weights, so the
-//!   figure reads against the machine's read bandwidth.
+//!   gives it, warm and cold (as in a decode step, which reads each expert once); throughput in
+//!   bytes of weights, so the figure reads against the machine's read bandwidth: `cold/read`
+//!   and `cold/read_parallel` only read the same weights, on one thread and on every thread.
 //!
 //! ```text
 //! cargo bench --workspace --bench kernels
@@ -21,6 +22,7 @@ use std::time::Duration;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use half::f16;
 use moe::moe_core::kernels::{HostElement, KvRows, decode_attention, swiglu_out_in};
+use rayon::prelude::*;
 
 const KV_HEADS: usize = 2;
 const GROUP: usize = 4;
@@ -89,12 +91,19 @@ fn bench_cache<E: HostElement>(c: &mut Criterion, name: &str, narrow: fn(f32) ->
 /// Reads every value of `w` (16 lanes of sums, which the compiler vectorises).
 fn read(w: &[f32]) -> f32 {
     let mut acc = [0.0f32; 16];
-    for chunk in w.chunks_exact(16) {
+    let chunks = w.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for chunk in chunks {
         for (a, x) in acc.iter_mut().zip(chunk) {
             *a += x;
         }
     }
-    acc.iter().sum()
+    acc.iter().sum::<f32>() + tail
+}
+
+/// [`read`] split across the rayon pool's threads, 64 KiB a task.
+fn read_parallel(w: &[f32]) -> f32 {
+    w.par_chunks(16 << 10).map(read).sum()
 }
 
 /// One expert of d_model 512 and d_ff 1024, its weights `[out, in]`, on 2, 4 and 8 rows, warm
@@ -110,14 +119,19 @@ fn bench_swiglu(c: &mut Criterion) {
         .throughput(Throughput::Bytes((3 * D * F * 4) as u64));
     let flush = vec![1u64; 8 << 20];
     let (gate, up, down) = (values(F * D, 4), values(F * D, 5), values(D * F, 6));
-    // The floor: the same weights only read, on one thread.
-    group.bench_function("cold/read", |b| {
-        b.iter_batched(
-            || black_box(evict(&flush)),
-            |_| black_box([&gate, &up, &down].map(|w| read(w))),
-            BatchSize::PerIteration,
-        )
-    });
+    // The floors: the same weights only read, on one thread and on the pool's threads.
+    for (name, reader) in [
+        ("read", read as fn(&[f32]) -> f32),
+        ("read_parallel", read_parallel),
+    ] {
+        group.bench_function(format!("cold/{name}"), |b| {
+            b.iter_batched(
+                || black_box(evict(&flush)),
+                |_| black_box([&gate, &up, &down].map(|w| reader(black_box(w)))),
+                BatchSize::PerIteration,
+            )
+        });
+    }
     for rows in [2, 4, 8] {
         let x = values(rows * D, 7);
         group.bench_function(format!("warm/{rows}"), |b| {

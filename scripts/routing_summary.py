@@ -51,11 +51,11 @@ def main():
             if c["conditional_mi"]["mean"] > 0:
                 ratios.setdefault(c["name"], []).append(
                     r["mean_conditional_mi"] / c["conditional_mi"]["mean"])
-            for i, control in enumerate(c.get("layers_conditional_mi") or []):
-                trained_layer = r["tables"][i]["conditional_mi"]
+            # Both lists hold the MoE layers in order; `layer` is the layer's index in the model.
+            for table, control in zip(r["tables"], c.get("layers_conditional_mi") or []):
                 if control > 0:
-                    layer_ratios.setdefault(c["name"], {}).setdefault(i, []).append(
-                        trained_layer / control)
+                    layer_ratios.setdefault(c["name"], {}).setdefault(table["layer"], []).append(
+                        table["conditional_mi"] / control)
     print(f"{len(reports)} seeds: {', '.join(p.parent.name for p in reports)}")
     print(f"{'routing':<34} {'NMI':>16} {'NMI / max':>16} {'cond. MI (nats)':>16}")
     for name, row in rows.items():
