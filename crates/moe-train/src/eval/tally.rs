@@ -1,7 +1,7 @@
 //! Routing tallies of an evaluation, per MoE layer: the assignments of each domain to each
 //! expert, the same split by the current token, and by document.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use super::mutual_info::{conditional_mutual_information, mutual_information};
 
@@ -12,8 +12,9 @@ pub(super) struct LayerTally {
     n_domains: usize,
     /// `joint[d][e]`: assignments of domain d's tokens to expert e.
     pub joint: Vec<Vec<f64>>,
-    /// Per current token, its `[domain][expert]` table.
-    by_token: HashMap<u32, Vec<Vec<f64>>>,
+    /// Per current token, its `[domain][expert]` table (in token order, so that the sums over
+    /// tokens, and the figures, are the same in every run).
+    by_token: BTreeMap<u32, Vec<Vec<f64>>>,
     /// Per (domain, document), assignments per expert.
     by_document: BTreeMap<(usize, usize), Vec<f64>>,
     /// Whether per-token choices were seen (token choice); expert choice gives loads only.
@@ -27,7 +28,7 @@ impl LayerTally {
             layer,
             n_domains,
             joint: vec![vec![0.0; n_experts]; n_domains],
-            by_token: HashMap::new(),
+            by_token: BTreeMap::new(),
             by_document: BTreeMap::new(),
             per_token: false,
         }
