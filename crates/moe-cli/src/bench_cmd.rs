@@ -66,19 +66,19 @@ pub struct BenchArgs {
 }
 
 impl BenchArgs {
-    /// Whether `--cases` selects the layer case `name`.
-    fn selects(&self, name: &str) -> bool {
-        let names = case_names();
-        self.cases.is_empty() || self.cases.iter().any(|c| selects(c, name, &names))
+    /// Whether `--cases` selects the layer case `name`, among the case names `names`.
+    fn selects(&self, name: &str, names: &[&str]) -> bool {
+        self.cases.is_empty() || self.cases.iter().any(|c| selects(c, name, names))
     }
 }
 
 /// Whether the `--cases` entry `wanted` selects the layer case `name`, among the case names
 /// `names`: a full case name only itself, other text every name containing it.
 fn selects(wanted: &str, name: &str, names: &[&str]) -> bool {
-    match names.contains(&wanted) {
-        true => wanted == name,
-        false => name.contains(wanted),
+    if names.contains(&wanted) {
+        wanted == name
+    } else {
+        name.contains(wanted)
     }
 }
 
@@ -241,8 +241,11 @@ fn bench_layers(a: &BenchArgs, name: &str) -> anyhow::Result<BenchReport> {
             sizes.tokens, sizes.d_model
         );
     }
-    run_selected(&device, name, &sizes, &budget, &|case| a.selects(case))
-        .map_err(|e| anyhow::anyhow!("the device failed: {e}"))
+    let names = case_names();
+    run_selected(&device, name, &sizes, &budget, &|case| {
+        a.selects(case, &names)
+    })
+    .map_err(|e| anyhow::anyhow!("the device failed: {e}"))
 }
 
 /// Runs the cases on one backend; a panic inside the backend is an error like any other.
