@@ -10,23 +10,10 @@ where the reports carry the controls' per-layer figures (`layers_conditional_mi`
 """
 
 import json
-import math
-import statistics
 import sys
 from pathlib import Path
 
-# Two-sided 95% quantiles of Student's t, by degrees of freedom (as crates/moe-train/src/interval.rs).
-T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-       2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-       2.052, 2.048, 2.045, 2.042]
-
-
-def interval(xs):
-    mean = statistics.fmean(xs)
-    if len(xs) < 2:
-        return mean, float("nan")
-    t = T95[len(xs) - 2] if len(xs) - 1 <= len(T95) else 1.96
-    return mean, t * statistics.stdev(xs) / math.sqrt(len(xs))
+from intervals import interval
 
 
 def main():
