@@ -2,6 +2,8 @@
 //! - decode attention over a cache of 16 to 4096 positions, held in f32 or f16, with the cache
 //!   warm (back-to-back calls) and cold (a 64 MiB buffer read between calls, as a decode step's
 //!   weights evict the cache between one layer's attention and the next token's);
+//! - handing work to another core (`fork`): `map_on_cores`, whose workers stay awake between
+//!   calls, against a rayon `join` from outside the pool, whose threads sleep;
 //! - one `[out, in]` SwiGLU expert (`swiglu_out_in`) on the 2 to 8 rows a batched decode step
 //!   gives it, warm and cold (as in a decode step, which reads each expert once); throughput in
 //!   bytes of weights, so the figure reads against the machine's read bandwidth: `cold/read`
@@ -21,6 +23,7 @@ use std::time::Duration;
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use half::f16;
+use moe::moe_core::host::{CallerShare, map_on_cores};
 use moe::moe_core::kernels::{HostElement, KvRows, decode_attention, swiglu_out_in};
 use rayon::prelude::*;
 
@@ -152,7 +155,48 @@ fn kernels(c: &mut Criterion) {
     bench_cache::<f32>(c, "f32", |x| x);
     bench_cache::<f16>(c, "f16", f16::from_f32);
     bench_swiglu(c);
+    bench_fork(c);
 }
 
 criterion_group!(benches, kernels);
 criterion_main!(benches);
+
+/// Handing work to another core: `map_on_cores` with two items (each share of the calling
+/// thread's kind) against a rayon `join` from outside the pool, back to back and after a 300 µs
+/// pause (the gap between a decode step's expert phases), beside the pause alone.
+fn bench_fork(c: &mut Criterion) {
+    let mut group = c.benchmark_group("fork");
+    group
+        .sample_size(50)
+        .measurement_time(Duration::from_secs(2));
+    let items = [0usize, 1];
+    let pause = || {
+        let t = std::time::Instant::now();
+        while t.elapsed() < Duration::from_micros(300) {}
+    };
+    for (name, share) in [
+        ("inline", CallerShare::Inline),
+        ("pooled", CallerShare::Pooled),
+    ] {
+        group.bench_function(format!("map_on_cores/{name}"), |b| {
+            b.iter(|| black_box(map_on_cores(&items, share, |&i| i + 1)))
+        });
+        group.bench_function(format!("map_on_cores/{name}/after_300us"), |b| {
+            b.iter(|| {
+                pause();
+                black_box(map_on_cores(&items, share, |&i| i + 1))
+            })
+        });
+    }
+    group.bench_function("rayon_join", |b| {
+        b.iter(|| black_box(rayon::join(|| 1, || 2)))
+    });
+    group.bench_function("rayon_join/after_300us", |b| {
+        b.iter(|| {
+            pause();
+            black_box(rayon::join(|| 1, || 2))
+        })
+    });
+    group.bench_function("pause_300us", |b| b.iter(pause));
+    group.finish();
+}

@@ -9,12 +9,14 @@ use burn::prelude::*;
 use burn::tensor::DType;
 
 use crate::ffn::gated;
-use crate::host::{map_on_cores, runs_on_host};
+use crate::host::{CallerShare, map_on_cores, runs_on_host};
 use crate::kernels;
 
-/// Multiply-adds of a segments pass from which its expert chains run on several cores: below
-/// it (a few rows, as in generation) starting the workers costs more than it saves.
-pub const PARALLEL_MIN_MACS: usize = 1 << 23;
+/// Multiply-adds of one matmul from which flex splits it across the rayon pool (burn-flex's
+/// `PARALLEL_THRESHOLD`, 192^3). Expert chains whose matmuls all stay below it (a decode step's
+/// rows) run the calling thread's share inline ([`CallerShare::Inline`]); larger ones hand it to
+/// a pool of one thread, so that its matmuls do not compete with the other cores' chains.
+pub const INLINE_MAX_MACS: usize = 192 * 192 * 192;
 
 /// Rows up to which an expert in [`WeightOrder::OutIn`] multiplies as `(W' x^T)^T`; above it as
 /// `x W'^T` (`W'^T` a strided view), which runs within 4% of `[in, out]` there, where the
@@ -220,7 +222,7 @@ impl Experts {
     /// `offset_e .. offset_e + counts[e]` go to expert e. Exact work, one matmul chain per
     /// non-empty expert; meant for inference, where slicing the stacked weights costs nothing
     /// in the backward pass. On a host CPU backend outside autodiff, the chains run side by
-    /// side, one core each ([`map_on_cores`]), once there is enough work to share.
+    /// side, one core each ([`map_on_cores`]).
     ///
     /// x: `[sum(counts), d_model]` -> `[sum(counts), d_model]`
     ///
@@ -255,9 +257,13 @@ impl Experts {
 
         let chain =
             |(i, rows): &(usize, Range<usize>)| self.chain(*i, x.clone().slice(rows.clone()));
-        let macs = 3 * x.dims()[0] * d * f;
-        let outputs: Vec<Tensor<2>> = if macs >= PARALLEL_MIN_MACS && runs_on_host(&x.device()) {
-            map_on_cores(&runs, chain)
+        let most = runs.iter().map(|(_, rows)| rows.len()).max().unwrap_or(0);
+        let share = match most * d * f < INLINE_MAX_MACS {
+            true => CallerShare::Inline,
+            false => CallerShare::Pooled,
+        };
+        let outputs: Vec<Tensor<2>> = if runs_on_host(&x.device()) {
+            map_on_cores(&runs, share, chain)
         } else {
             runs.iter().map(chain).collect()
         };

@@ -1,18 +1,20 @@
 //! Decode attention: each row's new queries against the keys and values it has cached.
 
 use pulp::{Simd, WithSimd};
-use rayon::prelude::*;
 
 use super::host::{Host, HostElement};
 use super::scores::{Rows, scores};
 use super::{arch, exp};
+use crate::host::{CallerShare, map_on_cores};
 
-/// Cached keys (elements, all heads together) from which the heads are shared among threads.
-/// Between a decode step's matmuls the other threads sleep, and waking one costs more than the
-/// work it would take over below this: at batch 1 and 1024 positions (2 heads, 131k elements)
-/// the model decoded at 74-77% of its speed at 16 positions with the heads shared, and at
-/// 90-94% on one thread (docs/benchmarks.md). Batch 16 at 1024 positions (2M) still shares.
-const PARALLEL_MIN_CACHED: usize = 1 << 20;
+/// Cached keys (elements, all heads together) from which the heads are shared among the cores
+/// ([`map_on_cores`], whose workers stay awake through a decode step: about a microsecond to
+/// hand a head over). Below it, at batch 1 up to 256 positions (2 heads of 64), a head's
+/// work is a few microseconds. (Handed to rayon's pool instead, whose threads sleep between a
+/// decode step's matmuls, the heads cost more than they saved even at 1024 positions: the
+/// model decoded at 74-77% of its speed at 16 positions with the heads shared, against 90-94%
+/// on one thread; docs/benchmarks.md.)
+const PARALLEL_MIN_CACHED: usize = 1 << 15;
 
 /// Positions whose keys or values a decode step reads as one block: widened to f32 when the
 /// cache holds f16, a block stays in the L1 cache (64 positions of 64 values: 16 KiB).
@@ -110,8 +112,8 @@ impl<'a, E: HostElement> HeadKv<'a, E> {
 /// `first[b]..total` (the earlier ones are left padding; all from 0 when `first` is `None`).
 /// Keys are streamed once for all `g` queries, in blocks of 64 positions that an f16
 /// cache widens to f32 on the fly; the softmax exponentials are vectorised, and the
-/// `batch * kv_heads` heads shared among the current rayon pool's threads once the cache is
-/// large enough to pay for it.
+/// `batch * kv_heads` heads shared among the cores once the cache is large enough to pay for
+/// it.
 ///
 /// q: `[batch, kv_heads, g, head_dim]` (row-major) -> `[batch, kv_heads, g, head_dim]`
 pub fn decode_attention<E: HostElement>(
@@ -138,13 +140,18 @@ pub fn decode_attention<E: HostElement>(
         };
         arch().dispatch(head);
     };
-    let cached = (q.len() / (g * head_dim).max(1)) * total * head_dim;
-    if cached < PARALLEL_MIN_CACHED {
+    let heads = q.len() / (g * head_dim).max(1);
+    if heads * total * head_dim < PARALLEL_MIN_CACHED {
         out.chunks_mut(g * head_dim).enumerate().for_each(run);
-    } else {
-        out.par_chunks_mut(g * head_dim).enumerate().for_each(run);
+        return out;
     }
-    out
+    let ids: Vec<usize> = (0..heads).collect();
+    map_on_cores(&ids, CallerShare::Inline, |&i| {
+        let mut out = vec![0.0; g * head_dim];
+        run((i, &mut out));
+        out
+    })
+    .concat()
 }
 
 /// One key/value head with its group of queries.
@@ -368,6 +375,24 @@ mod tests {
             prop_assert!((*a as f64 - b).abs() <= tolerance, "{a} vs {b}");
         }
         Ok(())
+    }
+
+    /// A cache large enough that the heads are shared among the cores: each head's output
+    /// lands in its own place, with left padding per row.
+    #[test]
+    fn heads_shared_among_cores_match_the_reference() {
+        let (b, kvh, g, hd, total) = (3, 2, 4, 64, 300);
+        assert!(b * kvh * total * hd >= PARALLEL_MIN_CACHED);
+        let n = b * kvh * g * hd + 2 * b * kvh * total * hd;
+        let v: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919 % 997) as f32 / 498.5) - 1.0)
+            .collect();
+        let (q, kv) = v.split_at(b * kvh * g * hd);
+        let (kd, vd) = kv.split_at(b * kvh * total * hd);
+        let dims = [b, kvh, g, hd];
+        for first in [[0, 0, 0], [0, 17, 299]] {
+            check::<f32>(dims, [total, total, hd], (q, kd, vd), &first, 1e-5).unwrap();
+        }
     }
 
     proptest! {

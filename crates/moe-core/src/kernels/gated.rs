@@ -1,16 +1,15 @@
 //! SwiGLU's gate, `silu(gate) * up`, in one vectorised pass.
 
+use super::{HostF32, arch, each_chunk, exp, host_tensor};
 use burn::prelude::*;
 use pulp::{Simd, WithSimd};
-use rayon::prelude::*;
-
-use super::{HostF32, arch, exp, host_tensor};
 
 /// Elements per task: enough to amortise a task, few enough to share a decode step's hidden
 /// states across cores.
 const CHUNK: usize = 1 << 14;
 
-/// `silu(gate) * up` element by element, split across the current rayon pool's threads.
+/// `silu(gate) * up` element by element, split across the current rayon pool's threads
+/// (unless [`crate::host::alone`]).
 ///
 /// Burn composes it from three element-wise ops (`sigmoid` through the C library's `expf`, then
 /// two products), each a pass over memory and a new tensor; on a `[512, 1024]` expert hidden
@@ -25,9 +24,11 @@ pub fn silu_mul(gate: &[f32], up: &[f32]) -> Vec<f32> {
         "silu_mul: gate and up differ in length"
     );
     let mut out = vec![0.0; gate.len()];
-    out.par_chunks_mut(CHUNK)
-        .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
-        .for_each(|(out, (gate, up))| arch().dispatch(SiluMul { gate, up, out }));
+    each_chunk(&mut out, CHUNK, |i, out| {
+        let at = i * CHUNK..i * CHUNK + out.len();
+        let (gate, up) = (&gate[at.clone()], &up[at]);
+        arch().dispatch(SiluMul { gate, up, out })
+    });
     out
 }
 

@@ -41,8 +41,24 @@ pub use swiglu::{SWIGLU_MAX_ROWS, SWIGLU_MIN_ROWS, swiglu_out_in, swiglu_tensor}
 
 use std::sync::OnceLock;
 
+use rayon::prelude::*;
+
 /// The instruction set of this CPU, detected once.
 pub fn arch() -> pulp::Arch {
     static ARCH: OnceLock<pulp::Arch> = OnceLock::new();
     *ARCH.get_or_init(pulp::Arch::new)
+}
+
+/// `f(i, chunk)` on each `size`-element chunk of `out` (the last may be shorter): split across
+/// the current rayon pool's threads, or in turn where this thread's work must stay on it
+/// ([`crate::host::alone`]: a share of [`crate::host::map_on_cores`], whose other cores are
+/// busy with the other shares).
+fn each_chunk<T: Send>(out: &mut [T], size: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
+    if crate::host::alone() {
+        out.chunks_mut(size).enumerate().for_each(|(i, c)| f(i, c));
+    } else {
+        out.par_chunks_mut(size)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+    }
 }

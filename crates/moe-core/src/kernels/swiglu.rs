@@ -1,10 +1,8 @@
 //! One SwiGLU expert on a few rows, its weights `[out, in]`.
 
+use super::{HostF32, against_rows, arch, each_chunk, host_tensor, silu};
 use burn::prelude::*;
 use pulp::{Simd, WithSimd};
-use rayon::prelude::*;
-
-use super::{HostF32, against_rows, arch, host_tensor, silu};
 
 /// Rows from which [`swiglu_tensor`] runs an expert. One row is a matrix-vector product, which
 /// flex already runs at the memory's speed (its gemv was 10-20% faster than this kernel's
@@ -22,7 +20,7 @@ const CHUNK: usize = 32;
 
 /// `silu(x W_gate^T) * (x W_up^T) W_down^T` on `n` rows, the weights `[out, in]`, each weight row
 /// streamed once for all rows, the output rows of each product split across the current rayon
-/// pool's threads.
+/// pool's threads (unless [`crate::host::alone`]).
 ///
 /// x: `[n, d]`; w_gate, w_up: `[f, d]`; w_down: `[d, f]` -> `[n, d]`
 pub fn swiglu_out_in(
@@ -43,38 +41,32 @@ pub fn swiglu_out_in(
     );
     // hidden^T: [f, n], filled a chunk of weight rows at a time.
     let mut hidden_t = vec![0.0; f * n];
-    hidden_t
-        .par_chunks_mut(CHUNK * n)
-        .enumerate()
-        .for_each(|(c, out)| {
-            let rows = c * CHUNK..c * CHUNK + out.len() / n;
-            let gate = &w_gate[rows.start * d..rows.end * d];
-            let up = &w_up[rows.start * d..rows.end * d];
-            arch().dispatch(GateUp {
-                gate,
-                up,
-                x,
-                d,
-                n,
-                out,
-            });
+    each_chunk(&mut hidden_t, CHUNK * n, |c, out| {
+        let rows = c * CHUNK..c * CHUNK + out.len() / n;
+        let gate = &w_gate[rows.start * d..rows.end * d];
+        let up = &w_up[rows.start * d..rows.end * d];
+        arch().dispatch(GateUp {
+            gate,
+            up,
+            x,
+            d,
+            n,
+            out,
         });
+    });
     let hidden = transposed(&hidden_t, f, n); // [n, f]
     let mut out_t = vec![0.0; d * n];
-    out_t
-        .par_chunks_mut(CHUNK * n)
-        .enumerate()
-        .for_each(|(c, out)| {
-            let rows = c * CHUNK..c * CHUNK + out.len() / n;
-            let down = &w_down[rows.start * f..rows.end * f];
-            arch().dispatch(Down {
-                down,
-                hidden: &hidden,
-                f,
-                n,
-                out,
-            });
+    each_chunk(&mut out_t, CHUNK * n, |c, out| {
+        let rows = c * CHUNK..c * CHUNK + out.len() / n;
+        let down = &w_down[rows.start * f..rows.end * f];
+        arch().dispatch(Down {
+            down,
+            hidden: &hidden,
+            f,
+            n,
+            out,
         });
+    });
     transposed(&out_t, d, n)
 }
 
