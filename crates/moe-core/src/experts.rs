@@ -9,14 +9,8 @@ use burn::prelude::*;
 use burn::tensor::DType;
 
 use crate::ffn::gated;
-use crate::host::{CallerShare, map_on_cores, runs_on_host};
+use crate::host::{CallerShare, INLINE_MAX_MACS, map_on_cores, runs_on_host};
 use crate::kernels;
-
-/// Multiply-adds of one matmul from which flex splits it across the rayon pool (burn-flex's
-/// `PARALLEL_THRESHOLD`, 192^3). Expert chains whose matmuls all stay below it (a decode step's
-/// rows) run the calling thread's share inline ([`CallerShare::Inline`]); larger ones hand it to
-/// a pool of one thread, so that its matmuls do not compete with the other cores' chains.
-pub const INLINE_MAX_MACS: usize = 192 * 192 * 192;
 
 /// Rows up to which an expert in [`WeightOrder::OutIn`] multiplies as `(W' x^T)^T`; above it as
 /// `x W'^T` (`W'^T` a strided view), which runs within 4% of `[in, out]` there, where the
@@ -257,6 +251,9 @@ impl Experts {
 
         let chain =
             |(i, rows): &(usize, Range<usize>)| self.chain(*i, x.clone().slice(rows.clone()));
+        // Chains whose matmuls all stay below flex's own threshold for splitting one (a decode
+        // step's rows) run the calling thread's share inline; larger ones hand it to a pool of
+        // one thread, so that its matmuls do not compete with the other cores' chains.
         let most = runs.iter().map(|(_, rows)| rows.len()).max().unwrap_or(0);
         let share = match most * d * f < INLINE_MAX_MACS {
             true => CallerShare::Inline,

@@ -7,8 +7,9 @@ use burn::prelude::*;
 use burn::tensor::activation::silu;
 use burn::tensor::{DType, Distribution};
 use common::{HostMoe, random_input};
-use moe_core::experts::{INLINE_MAX_MACS, OUT_IN_MAX_ROWS};
+use moe_core::experts::OUT_IN_MAX_ROWS;
 use moe_core::ffn::gated;
+use moe_core::host::INLINE_MAX_MACS;
 use moe_core::kernels::{
     HostF32, SWIGLU_MAX_ROWS, SWIGLU_MIN_ROWS, silu_mul_tensor, swiglu_tensor,
 };

@@ -5,7 +5,7 @@ use burn::prelude::*;
 use burn::tensor::module::{attention, attention_fallback};
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, f16};
-use moe_core::host::runs_on_host;
+use moe_core::host::{linear_on_cores, runs_on_host};
 
 use moe_core::kernels::{
     Host, HostF32, KvRows, PrefillShape, decode_attention, host_tensor, prefill_attention,
@@ -107,7 +107,7 @@ impl Attention {
     /// x: `[batch, seq, d_model]` -> `[batch, n, seq, head_dim]`
     fn heads(&self, proj: &Linear, norm: &Option<RmsNorm>, x: Tensor<3>, n: usize) -> Tensor<4> {
         let [b, s, _] = x.dims();
-        let mut t = proj.forward(x);
+        let mut t = linear_on_cores(proj, x);
         if let (Some(norm), Some(QkNorm::Full)) = (norm, self.qk_norm) {
             t = norm.forward(t);
         }
@@ -141,7 +141,7 @@ impl Attention {
         }; // [b, kvh, total, hd]
         let out = self.grouped(q, k, v, at); // [b, h, s, hd]
         let out = out.swap_dims(1, 2).reshape([b, s, h * hd]);
-        self.o_proj.forward(out)
+        linear_on_cores(&self.o_proj, out)
     }
 
     /// Scaled dot-product attention with each key/value head read by its group of `h / kvh`

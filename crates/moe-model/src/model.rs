@@ -7,6 +7,7 @@ use std::sync::Mutex;
 
 use burn::module::{ModuleVisitor, Param};
 use burn::prelude::*;
+use moe_core::host::linear_on_cores;
 use moe_core::{AuxLosses, MoeLayerConfig, Router, RoutingStats};
 
 use crate::attention::Positions;
@@ -398,7 +399,7 @@ impl MoeLm {
     fn head(&self, x: Tensor<3>) -> Tensor<3> {
         let x = self.norm.forward(x);
         let logits = match &self.lm_head {
-            Some(head) => head.forward(x),
+            Some(head) => linear_on_cores(head, x),
             None => x.matmul(self.embed.weight.val().transpose().unsqueeze_dim(0)), // [b, s, vocab]
         };
         match self.config.logits_multiplier {
