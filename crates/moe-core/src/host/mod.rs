@@ -49,23 +49,26 @@ pub enum CallerShare {
 pub const LINGER: Duration = Duration::from_millis(2);
 
 thread_local! {
-    /// Set while this thread runs its own share of a [`map_on_cores`] call inline.
+    /// Set while this thread runs its own share of a [`map_on_cores`] call inline, or all its
+    /// items because the workers were busy with another thread's call.
     static SHARING: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Whether host work started on this thread should stay on it: inside its inline share of a
-/// [`map_on_cores`] call, or in a pool of one thread (a worker's share).
+/// [`map_on_cores`] call (or its items run here while the workers were busy), or in a pool of
+/// one thread (a worker's share, or a pooled caller's share).
 pub fn alone() -> bool {
     SHARING.get() || rayon::current_num_threads() < 2
 }
 
-/// `f` applied to every item, in item order. The items are taken in turn by the calling thread
-/// and one worker for each other core of the rayon pool; inside `f` a worker's rayon pool has
-/// one thread, so Burn's CPU ops do not split further, and the calling thread's share runs as
-/// `share` says. The workers stay awake between calls ([`team`]), so a call costs about a
-/// microsecond more than its work. Runs on the calling thread alone when there are fewer than
-/// two items or one core, when called from inside another `map_on_cores`, or while another
-/// thread's call is using the workers (then as an inline share).
+/// `f` applied to every item, in item order. The items are taken in turn by the caller's share
+/// (run as `share` says) and one worker for each other core of the rayon pool; inside `f` a
+/// worker's rayon pool has one thread, so Burn's CPU ops do not split further. Within
+/// [`LINGER`] of an inline call the workers are awake ([`team`]) and a call costs about a
+/// microsecond more than its work; after a pooled call, or longer idle, it costs a wake-up
+/// (25-65 µs here, docs/benchmarks.md). Runs on the calling thread alone when there are fewer
+/// than two items or one core, when called from inside another `map_on_cores`, or while
+/// another thread's call is using the workers (then as an inline share).
 pub fn map_on_cores<T: Sync, R: Send>(
     items: &[T],
     share: CallerShare,
@@ -171,7 +174,8 @@ pub fn linear_on_cores<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<
     let [d_in, d_out] = w.dims();
     let rows = x.shape().num_elements() / d_in.max(1);
     let cores = rayon::current_num_threads();
-    let small = rows >= SPLIT_MIN_ROWS
+    let small = x.dims()[D - 1] == d_in
+        && rows >= SPLIT_MIN_ROWS
         && rows * d_in * d_out < INLINE_MAX_MACS
         && d_in * d_out >= SPLIT_MIN_WEIGHTS;
     if !small || cores < 2 || alone() || !runs_on_host(&x.device()) {
@@ -255,7 +259,7 @@ mod tests {
                 assert!(caught.is_err(), "{share:?}, item {bad}");
                 assert!(!SHARING.get());
                 if rayon::current_num_threads() > 1 {
-                    // Not left poisoned (locked for good): later calls still use the workers.
+                    // Not left poisoned by the panic passing through the caller's lock.
                     let team = &team_of(rayon::current_num_threads()).0;
                     assert!(!team.is_poisoned());
                 }

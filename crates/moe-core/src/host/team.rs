@@ -88,7 +88,8 @@ impl Team {
     /// Runs `job` on every worker and on the calling thread (`caller`), and returns once all
     /// have finished; a panic in any of them is resumed here, after all have finished. Then the
     /// workers spin for the next job for `linger` before they park. `None`, without running
-    /// anything, while another thread is using the team.
+    /// anything, while another call is using the team (another thread's, or one this thread
+    /// is inside).
     pub(super) fn run(
         &self,
         job: &(dyn Fn() + Sync),
@@ -119,8 +120,10 @@ impl Team {
         let mine = catch_unwind(AssertUnwindSafe(caller));
         spin_until(|| s.running.load(Ordering::Acquire) == 0, None);
         *lock(&s.job) = None;
+        // Taken before the next caller can post a job whose panics would share the slot.
+        let theirs = lock(&s.panic).take();
         drop(one);
-        if let Some(p) = lock(&s.panic).take() {
+        if let Some(p) = theirs {
             resume_unwind(p);
         }
         if let Err(p) = mine {
@@ -187,4 +190,94 @@ impl Team {
     pub(super) fn is_poisoned(&self) -> bool {
         self.busy.is_poisoned()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names of the threads that ran `job` once, the caller's share running it too.
+    fn threads(team: &Team, linger: Duration) -> Vec<String> {
+        let seen = Mutex::new(Vec::new());
+        let job = || {
+            let name = std::thread::current().name().unwrap_or("").to_string();
+            lock(&seen).push(name);
+        };
+        team.run(&job, job, linger).expect("a free team");
+        let mut seen = seen.into_inner().unwrap();
+        seen.sort();
+        seen
+    }
+
+    /// Every worker runs each job once, awake (back to back) or parked (after its linger).
+    #[test]
+    fn every_worker_runs_each_job_once() {
+        let team = Team::new(2, "t-once");
+        let me = std::thread::current().name().unwrap_or("").to_string();
+        let mut want = vec![me, "t-once-1".to_string(), "t-once-2".to_string()];
+        want.sort();
+        for linger in [Duration::from_millis(50), Duration::ZERO] {
+            for _ in 0..20 {
+                assert_eq!(threads(&team, linger), want);
+            }
+            // Long enough for the workers to park.
+            std::thread::sleep(Duration::from_millis(20));
+            assert_eq!(threads(&team, linger), want);
+        }
+    }
+
+    /// A panic on a worker, or in the caller's share, reaches the caller after every worker
+    /// has finished, and the next job runs on the workers again.
+    #[test]
+    fn panics_reach_the_caller_and_the_team_carries_on() {
+        let team = Team::new(1, "t-panic");
+        let finished = AtomicUsize::new(0);
+        let on_worker = || {
+            let worker = std::thread::current().name() == Some("t-panic-1");
+            assert!(!worker, "the worker's share fails");
+            finished.fetch_add(1, Ordering::SeqCst);
+        };
+        let caught = catch_unwind(AssertUnwindSafe(|| team.run(&on_worker, || (), ZERO)));
+        assert!(caught.is_err(), "a worker's panic is resumed in the caller");
+        let slow = || std::thread::sleep(Duration::from_millis(20));
+        let caught = catch_unwind(AssertUnwindSafe(|| {
+            team.run(
+                &|| {
+                    slow();
+                    finished.fetch_add(1, Ordering::SeqCst);
+                },
+                || panic!("the caller's share fails"),
+                ZERO,
+            )
+        }));
+        assert!(caught.is_err(), "the caller's panic is resumed");
+        assert_eq!(
+            finished.load(Ordering::SeqCst),
+            1,
+            "the slow worker finished first"
+        );
+        assert!(!team.is_poisoned());
+        let mut want = vec![
+            std::thread::current().name().unwrap_or("").to_string(),
+            "t-panic-1".to_string(),
+        ];
+        want.sort();
+        assert_eq!(threads(&team, ZERO), want);
+    }
+
+    /// While one call is under way, another finds the team busy and runs nothing.
+    #[test]
+    fn a_second_caller_finds_the_team_busy() {
+        let team = Team::new(1, "t-busy");
+        let inner = std::cell::Cell::new(None);
+        team.run(
+            &|| (),
+            || inner.set(Some(team.run(&|| (), || (), ZERO))),
+            ZERO,
+        )
+        .expect("a free team");
+        assert_eq!(inner.get(), Some(None));
+    }
+
+    const ZERO: Duration = Duration::ZERO;
 }

@@ -9,8 +9,8 @@ use crate::host::{CallerShare, map_on_cores};
 
 /// Cached keys (elements, all heads together) from which the heads are shared among the cores
 /// ([`map_on_cores`], whose workers stay awake through a decode step: about a microsecond to
-/// hand a head over). Below it, at batch 1 up to 256 positions (2 heads of 64), a head's
-/// work is a few microseconds. (Handed to rayon's pool instead, whose threads sleep between a
+/// hand a head over). Below it, at batch 1 under 256 positions (2 heads of 64), a head's work
+/// is a few microseconds. (Handed to rayon's pool instead, whose threads sleep between a
 /// decode step's matmuls, the heads cost more than they saved even at 1024 positions: the
 /// model decoded at 74-77% of its speed at 16 positions with the heads shared, against 90-94%
 /// on one thread; docs/benchmarks.md.)
@@ -125,7 +125,6 @@ pub fn decode_attention<E: HostElement>(
     first: Option<&[usize]>,
     scale: f32,
 ) -> Vec<f32> {
-    let mut out = vec![0.0; q.len()];
     let run = |(i, out): (usize, &mut [f32])| {
         let (b, h) = (i / kv_heads, i % kv_heads);
         let start = first.map_or(0, |f| f[b]).min(total);
@@ -142,6 +141,7 @@ pub fn decode_attention<E: HostElement>(
     };
     let heads = q.len() / (g * head_dim).max(1);
     if heads * total * head_dim < PARALLEL_MIN_CACHED {
+        let mut out = vec![0.0; q.len()];
         out.chunks_mut(g * head_dim).enumerate().for_each(run);
         return out;
     }
