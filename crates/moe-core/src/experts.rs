@@ -255,9 +255,10 @@ impl Experts {
         // step's rows) run the calling thread's share inline; larger ones hand it to a pool of
         // one thread, so that its matmuls do not compete with the other cores' chains.
         let most = runs.iter().map(|(_, rows)| rows.len()).max().unwrap_or(0);
-        let share = match most * d * f < INLINE_MAX_MACS {
-            true => CallerShare::Inline,
-            false => CallerShare::Pooled,
+        let share = if most * d * f < INLINE_MAX_MACS {
+            CallerShare::Inline
+        } else {
+            CallerShare::Pooled
         };
         let outputs: Vec<Tensor<2>> = if runs_on_host(&x.device()) {
             map_on_cores(&runs, share, chain)

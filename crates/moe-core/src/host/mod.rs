@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use burn::nn::Linear;
 use burn::prelude::*;
-use rayon::{ThreadPool, ThreadPoolBuilder};
+use rayon::ThreadPool;
 
-use team::Team;
+use team::{Team, one_thread_pool};
 
 /// Whether ops on this device run synchronously on the calling host thread (flex and ndarray
 /// without autodiff). Asynchronous devices (wgpu) already overlap queued work, and an autodiff
@@ -137,11 +137,7 @@ impl Drop for Sharing {
 fn team_of(cores: usize) -> &'static (Team, ThreadPool) {
     static TEAM: OnceLock<(Team, ThreadPool)> = OnceLock::new();
     TEAM.get_or_init(|| {
-        let caller = ThreadPoolBuilder::new()
-            .num_threads(1)
-            .thread_name(|_| "moe-core-0".into())
-            .build()
-            .expect("a one-thread rayon pool");
+        let caller = one_thread_pool("moe-core-0".into());
         (Team::new(cores - 1, "moe-core"), caller)
     })
 }
@@ -178,7 +174,8 @@ pub fn linear_on_cores<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<
         && rows >= SPLIT_MIN_ROWS
         && rows * d_in * d_out < INLINE_MAX_MACS
         && d_in * d_out >= SPLIT_MIN_WEIGHTS;
-    if !small || cores < 2 || alone() || !runs_on_host(&x.device()) {
+    // `alone` also covers a pool of one thread, where there is no other core to split with.
+    if !small || alone() || !runs_on_host(&x.device()) {
         return linear.forward(x);
     }
     let mut dims = x.dims();

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock, TryLockError};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
-use rayon::ThreadPoolBuilder;
+use rayon::{ThreadPool, ThreadPoolBuilder};
 
 /// How long a worker (or a caller waiting for workers) spins without yielding its core.
 const SPIN_ALONE: Duration = Duration::from_micros(50);
@@ -69,11 +69,7 @@ impl Team {
                 .collect(),
         });
         for i in 0..n {
-            let pool = ThreadPoolBuilder::new()
-                .num_threads(1)
-                .thread_name(move |_| format!("{name}-{}", i + 1))
-                .build()
-                .expect("a one-thread rayon pool");
+            let pool = one_thread_pool(format!("{name}-{}", i + 1));
             let shared = shared.clone();
             pool.spawn(move || work(&shared, i));
             // The pool's thread runs `work` for the life of the process.
@@ -131,6 +127,16 @@ impl Team {
         }
         Some(())
     }
+}
+
+/// A rayon pool of one thread named `name`: rayon's parallel operations started on it run on
+/// that thread alone.
+pub(super) fn one_thread_pool(name: String) -> ThreadPool {
+    ThreadPoolBuilder::new()
+        .num_threads(1)
+        .thread_name(move |_| name.clone())
+        .build()
+        .expect("a one-thread rayon pool")
 }
 
 /// Worker `i`'s loop: wait for a job, run it, report it done.
