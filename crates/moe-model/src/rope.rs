@@ -23,14 +23,13 @@ impl Rope {
     /// cos and sin for positions `start..start + len`, each `[len, head_dim/2]`.
     pub fn tables(&self, start: usize, len: usize, device: &Device) -> (Tensor<2>, Tensor<2>) {
         let half = self.inv_freq.len();
-        let angles: Vec<f64> = (start..start + len)
-            .flat_map(|p| self.inv_freq.iter().map(move |f| p as f64 * f))
-            .collect();
-        let table = |f: fn(f64) -> f64| {
-            let v: Vec<f32> = angles.iter().map(|a| f(*a) as f32).collect();
-            Tensor::<1>::from_floats(v.as_slice(), device).reshape([len, half])
-        };
-        (table(f64::cos), table(f64::sin))
+        let (cos, sin): (Vec<f32>, Vec<f32>) = (start..start + len)
+            .flat_map(|p| self.inv_freq.iter().map(move |f| (p as f64 * f).sin_cos()))
+            .map(|(sin, cos)| (cos as f32, sin as f32))
+            .unzip();
+        let table =
+            |v: Vec<f32>| Tensor::<1>::from_floats(v.as_slice(), device).reshape([len, half]);
+        (table(cos), table(sin))
     }
 
     /// Rotates queries or keys.
