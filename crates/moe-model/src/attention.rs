@@ -102,10 +102,18 @@ impl Attention {
         }
     }
 
-    /// Projects `x` to `n` heads with `proj`, applying `norm` where the config puts it.
+    /// Projects `x` to `n` heads with `proj`, applying `norm` where the config puts it, then the
+    /// rotary embedding of positions `at` when given (queries and keys).
     ///
     /// x: `[batch, seq, d_model]` -> `[batch, n, seq, head_dim]`
-    fn heads(&self, proj: &Linear, norm: &Option<RmsNorm>, x: Tensor<3>, n: usize) -> Tensor<4> {
+    fn heads(
+        &self,
+        proj: &Linear,
+        norm: &Option<RmsNorm>,
+        x: Tensor<3>,
+        n: usize,
+        at: Option<&Positions>,
+    ) -> Tensor<4> {
         let [b, s, _] = x.dims();
         let mut t = linear_on_cores(proj, x);
         if let (Some(norm), Some(QkNorm::Full)) = (norm, self.qk_norm) {
@@ -114,6 +122,9 @@ impl Attention {
         let mut t = t.reshape([b, s, n, self.head_dim]);
         if let (Some(norm), Some(QkNorm::PerHead)) = (norm, self.qk_norm) {
             t = norm.forward(t);
+        }
+        if let Some(at) = at {
+            t = Rope::apply(t, &at.cos, &at.sin);
         }
         t.swap_dims(1, 2)
     }
@@ -130,11 +141,9 @@ impl Attention {
     ) -> Tensor<3> {
         let [b, s, _] = x.dims();
         let (h, kvh, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let q = self.heads(&self.q_proj, &self.q_norm, x.clone(), h);
-        let k = self.heads(&self.k_proj, &self.k_norm, x.clone(), kvh);
-        let q = Rope::apply(q, &at.cos, &at.sin);
-        let k = Rope::apply(k, &at.cos, &at.sin);
-        let v = self.heads(&self.v_proj, &None, x, kvh);
+        let q = self.heads(&self.q_proj, &self.q_norm, x.clone(), h, Some(at));
+        let k = self.heads(&self.k_proj, &self.k_norm, x.clone(), kvh, Some(at));
+        let v = self.heads(&self.v_proj, &None, x, kvh, None);
         let (k, v) = match cache {
             Some(slot) => LayerCache::append(slot, k, v, at.start, at.reserve, at.cache_dtype),
             None => (k, v),

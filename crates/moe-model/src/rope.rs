@@ -3,6 +3,7 @@
 //! imported weights).
 
 use burn::prelude::*;
+use moe_core::kernels::rotary_tensor;
 
 /// Rotary embedding frequencies for one head width.
 #[derive(Debug, Clone)]
@@ -32,18 +33,23 @@ impl Rope {
         (table(cos), table(sin))
     }
 
-    /// Rotates queries or keys.
+    /// Rotates queries or keys, each head's `x1 = x[..half]` and `x2 = x[half..]` to
+    /// `[x1 cos - x2 sin, x2 cos + x1 sin]`: in one pass on flex ([`rotary_tensor`]), composed
+    /// from Burn's ops elsewhere.
     ///
-    /// x: `[batch, heads, seq, head_dim]`; cos, sin: `[batch or 1, seq, head_dim/2]` -> same
+    /// x: `[batch, seq, heads, head_dim]`; cos, sin: `[batch or 1, seq, head_dim/2]` -> same
     /// shape as x
     pub fn apply(x: Tensor<4>, cos: &Tensor<3>, sin: &Tensor<3>) -> Tensor<4> {
-        let [b, h, s, d] = x.dims();
+        if let Some(out) = rotary_tensor(&x, cos, sin) {
+            return out;
+        }
+        let [b, s, h, d] = x.dims();
         let half = d / 2;
         let rows = cos.dims()[0];
-        let cos = cos.clone().reshape([rows, 1, s, half]);
-        let sin = sin.clone().reshape([rows, 1, s, half]);
-        let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);
-        let x2 = x.slice([0..b, 0..h, 0..s, half..d]);
+        let cos = cos.clone().reshape([rows, s, 1, half]);
+        let sin = sin.clone().reshape([rows, s, 1, half]);
+        let x1 = x.clone().slice([0..b, 0..s, 0..h, 0..half]);
+        let x2 = x.slice([0..b, 0..s, 0..h, half..d]);
         let out1 = x1.clone() * cos.clone() - x2.clone() * sin.clone();
         let out2 = x2 * cos + x1 * sin;
         Tensor::cat(vec![out1, out2], 3)

@@ -17,6 +17,8 @@
 //!   horizontal sum of 8 registers at once, which pulp cannot express.
 //! - [`prefill_attention`]: a prompt's queries against the cache, causal, in blocks that skip
 //!   the keys above the diagonal.
+//! - [`rotate_half`]: rotary position embedding (Llama's half-rotation layout) in one pass, used
+//!   by `moe-model`'s attention for queries and keys.
 //! - [`silu_mul`]: SwiGLU's gate, `silu(gate) * up`, in one pass (any number of rows), used by
 //!   every SwiGLU block through [`gated`](crate::ffn::gated).
 
@@ -26,6 +28,7 @@ mod exp;
 mod gated;
 mod host;
 mod prefill;
+mod rotary;
 mod scores;
 mod swiglu;
 
@@ -37,6 +40,7 @@ use gated::silu;
 pub use gated::{silu_mul, silu_mul_tensor};
 pub use host::{Host, HostElement, HostF32, host_tensor};
 pub use prefill::{PrefillShape, prefill_attention};
+pub use rotary::{rotary_tensor, rotate_half};
 pub use swiglu::{SWIGLU_MAX_ROWS, SWIGLU_MIN_ROWS, swiglu_out_in, swiglu_tensor};
 
 use std::sync::OnceLock;
