@@ -151,18 +151,16 @@ pub const INLINE_MAX_MACS: usize = 192 * 192 * 192;
 /// of it to another core.
 pub const SPLIT_MIN_WEIGHTS: usize = 1 << 16;
 
-/// Rows from which [`linear_on_cores`] splits a product: at one row flex's matrix-vector
-/// product is already lean, and slicing the weights and joining the halves cost about what the
-/// second core saves (a `[512, 512]` weight, warm: 23 µs split against 20 µs; at 16 rows 69 µs
-/// against 105 µs).
-pub const SPLIT_MIN_ROWS: usize = 2;
-
-/// `linear` applied to `x`, its output columns split among the cores ([`map_on_cores`]) where
-/// flex would run the product on one thread: on a host device outside autodiff, with at least
-/// [`SPLIT_MIN_ROWS`] rows, at least [`SPLIT_MIN_WEIGHTS`] weights and fewer multiply-adds
-/// than [`INLINE_MAX_MACS`] (a batched decode step). Each core then reads its share of the
-/// weights, as in a decode step the product is bound by reading them. Otherwise
-/// `linear.forward(x)`.
+/// `linear` applied to `x`, its weights' input rows split among the cores ([`map_on_cores`])
+/// where flex would run the product on one thread: on a host device outside autodiff, with at
+/// least [`SPLIT_MIN_WEIGHTS`] weights and fewer multiply-adds than [`INLINE_MAX_MACS`] (a
+/// decode step's projections). Each core multiplies its slice of `x`'s columns by its block of
+/// weight rows, which it reads front to back, and the partial products are summed: a decode
+/// step's products are bound by reading the weights, which one core alone reads at 20-26 GB/s
+/// here. Otherwise `linear.forward(x)`.
+///
+/// (Splitting the output columns instead had each core read half of every weight row: at one
+/// row it was no faster than one core; from 2 to 16 rows it measured the same as this.)
 ///
 /// x: `[.., in]` -> `[.., out]`
 pub fn linear_on_cores<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
@@ -171,7 +169,6 @@ pub fn linear_on_cores<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<
     let rows = x.shape().num_elements() / d_in.max(1);
     let cores = rayon::current_num_threads();
     let small = x.dims()[D - 1] == d_in
-        && rows >= SPLIT_MIN_ROWS
         && rows * d_in * d_out < INLINE_MAX_MACS
         && d_in * d_out >= SPLIT_MIN_WEIGHTS;
     // `alone` also covers a pool of one thread, where there is no other core to split with.
@@ -181,13 +178,17 @@ pub fn linear_on_cores<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<
     let mut dims = x.dims();
     let x = x.reshape([rows, d_in]);
     let parts: Vec<_> = (0..cores)
-        .map(|c| c * d_out / cores..(c + 1) * d_out / cores)
+        .map(|c| c * d_in / cores..(c + 1) * d_in / cores)
         .filter(|r| !r.is_empty())
         .collect();
-    let outs = map_on_cores(&parts, CallerShare::Inline, |cols| {
-        x.clone().matmul(w.clone().slice([0..d_in, cols.clone()]))
+    let partials = map_on_cores(&parts, CallerShare::Inline, |ins| {
+        let w = w.clone().slice([ins.clone(), 0..d_out]);
+        x.clone().slice([0..rows, ins.clone()]).matmul(w)
     });
-    let mut y = Tensor::cat(outs, 1); // [rows, out]
+    let mut y = partials
+        .into_iter()
+        .reduce(|a, b| a + b)
+        .expect("at least one core"); // [rows, out]
     if let Some(b) = &linear.bias {
         y = y + b.val().unsqueeze_dim(0);
     }
@@ -289,9 +290,9 @@ mod tests {
         }
     }
 
-    /// Split or not (one row; 3 and 16 rows, split on the host backends; 600 rows, past
+    /// Split or not (1, 3 and 16 rows, split on the host backends; 600 rows, past
     /// `INLINE_MAX_MACS`), with and without a bias, for 2D and 3D inputs: the same as
-    /// `Linear::forward`.
+    /// `Linear::forward`, up to the order of the sums.
     #[rstest::rstest]
     fn linear_on_cores_equals_forward(
         #[values("flex", "ndarray", "wgpu")] backend: &str,
