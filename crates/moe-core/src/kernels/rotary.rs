@@ -97,20 +97,17 @@ mod tests {
         /// batch row or one set per row, across chunk boundaries.
         #[test]
         fn rotate_half_matches_f64(
-            (batch, seq, heads, half, per_row) in (1usize..4, 1usize..80, 1usize..4, 1usize..10, any::<bool>()),
-            seed in any::<u64>(),
+            (batch, seq, heads, half, rows, x, cos, sin) in
+                (1usize..4, 1usize..80, 1usize..4, 1usize..10, any::<bool>())
+                    .prop_flat_map(|(batch, seq, heads, half, per_row)| {
+                        let rows = if per_row { batch } else { 1 };
+                        let values = |n| proptest::collection::vec(-1.0f32..1.0, n);
+                        (Just(batch), Just(seq), Just(heads), Just(half), Just(rows),
+                         values(batch * seq * heads * 2 * half), values(rows * seq * half),
+                         values(rows * seq * half))
+                    })
         ) {
             let hd = 2 * half;
-            let rows = if per_row { batch } else { 1 };
-            let mut state = seed | 1;
-            let mut draw = |n: usize| -> Vec<f32> {
-                (0..n).map(|_| {
-                    state ^= state << 13; state ^= state >> 7; state ^= state << 17;
-                    (state % 2001) as f32 / 1000.0 - 1.0
-                }).collect()
-            };
-            let x = draw(batch * seq * heads * hd);
-            let (cos, sin) = (draw(rows * seq * half), draw(rows * seq * half));
             let got = rotate_half(&x, [batch, seq, heads, hd], &cos, &sin);
             for b in 0..batch {
                 for p in 0..seq {
