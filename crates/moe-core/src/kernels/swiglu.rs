@@ -124,9 +124,19 @@ impl WithSimd for GateUp<'_> {
     #[inline(always)]
     fn with_simd<S: Simd>(self, s: S) -> Self::Output {
         let (d, n) = (self.d, self.n);
+        // The products first, then the gate in one pass that the compiler vectorises (per
+        // product, `silu` was a scalar exponential after each pair of dot products).
+        let mut ups = vec![0.0; self.out.len()];
         let pairs = self.gate.chunks_exact(d).zip(self.up.chunks_exact(d));
-        for ((g, u), out) in pairs.zip(self.out.chunks_exact_mut(n)) {
-            against_rows(s, [g, u], self.x, d, |r, [g, u]| out[r] = silu(g) * u);
+        let outs = self.out.chunks_exact_mut(n).zip(ups.chunks_exact_mut(n));
+        for ((g, u), (out, up)) in pairs.zip(outs) {
+            against_rows(s, [g, u], self.x, d, |r, [g, u]| {
+                out[r] = g;
+                up[r] = u;
+            });
+        }
+        for (out, u) in self.out.iter_mut().zip(&ups) {
+            *out = silu(*out) * u;
         }
     }
 }
