@@ -124,7 +124,7 @@ impl Attention {
             t = norm.forward(t);
         }
         if let Some(at) = at {
-            t = Rope::apply(t, &at.cos, &at.sin);
+            t = Rope::rotate(t, &at.cos, &at.sin);
         }
         t.swap_dims(1, 2)
     }

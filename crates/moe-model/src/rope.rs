@@ -39,7 +39,7 @@ impl Rope {
     ///
     /// x: `[batch, seq, heads, head_dim]`; cos, sin: `[batch or 1, seq, head_dim/2]` -> same
     /// shape as x
-    pub fn apply(x: Tensor<4>, cos: &Tensor<3>, sin: &Tensor<3>) -> Tensor<4> {
+    pub fn rotate(x: Tensor<4>, cos: &Tensor<3>, sin: &Tensor<3>) -> Tensor<4> {
         if let Some(out) = rotary_tensor(&x, cos, sin) {
             return out;
         }
@@ -56,8 +56,9 @@ impl Rope {
     }
 }
 
-/// cos and sin of every position up to a length, on a device, computed once and read by index
-/// at each step.
+/// cos and sin of every position up to a length, on a device, read by index at each step: a
+/// cache builds one for the positions it reserved and rebuilds it twice as long when decoding
+/// passes it.
 #[derive(Debug, Clone)]
 pub struct RopeTable {
     cos: Tensor<2>,

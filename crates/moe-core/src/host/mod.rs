@@ -177,8 +177,11 @@ pub fn linear_on_cores<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<
     }
     let mut dims = x.dims();
     let x = x.reshape([rows, d_in]);
-    let parts: Vec<_> = (0..cores)
-        .map(|c| c * d_in / cores..(c + 1) * d_in / cores)
+    // On many cores, each share keeps at least half of SPLIT_MIN_WEIGHTS: the partial products
+    // are summed one after another on this thread.
+    let shares = cores.min(d_in * d_out / (SPLIT_MIN_WEIGHTS / 2));
+    let parts: Vec<_> = (0..shares)
+        .map(|c| c * d_in / shares..(c + 1) * d_in / shares)
         .filter(|r| !r.is_empty())
         .collect();
     let partials = map_on_cores(&parts, CallerShare::Inline, |ins| {

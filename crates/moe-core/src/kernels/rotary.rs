@@ -26,6 +26,9 @@ pub fn rotate_half(x: &[f32], dims: [usize; 4], cos: &[f32], sin: &[f32]) -> Vec
         "an odd head width has no rotary pairs"
     );
     assert_eq!(x.len(), batch * seq * heads * hd, "x");
+    if x.is_empty() {
+        return Vec::new();
+    }
     let half = hd / 2;
     let rows = cos.len() / (seq * half).max(1);
     assert!(
@@ -39,9 +42,6 @@ pub fn rotate_half(x: &[f32], dims: [usize; 4], cos: &[f32], sin: &[f32]) -> Vec
     );
     let mut out = vec![0.0; x.len()];
     let width = heads * hd; // one position's heads
-    if width == 0 {
-        return out;
-    }
     each_chunk(&mut out, CHUNK_POSITIONS * width, |c, out| {
         for (j, out) in out.chunks_exact_mut(width).enumerate() {
             let at = c * CHUNK_POSITIONS + j; // batch row * seq + position
@@ -78,12 +78,12 @@ pub fn rotary_tensor(x: &Tensor<4>, cos: &Tensor<3>, sin: &Tensor<3>) -> Option<
     if sin.dims() != cos.dims() || s != seq || 2 * half != hd || !(rows == 1 || rows == batch) {
         return None;
     }
-    let (x, c, s) = (
+    let (x, c, sn) = (
         HostF32::row_major(x)?,
         HostF32::row_major(cos)?,
         HostF32::row_major(sin)?,
     );
-    let out = rotate_half(x.contiguous()?, dims, c.contiguous()?, s.contiguous()?);
+    let out = rotate_half(x.contiguous()?, dims, c.contiguous()?, sn.contiguous()?);
     Some(host_tensor(out, dims))
 }
 
@@ -91,6 +91,13 @@ pub fn rotary_tensor(x: &Tensor<4>, cos: &Tensor<3>, sin: &Tensor<3>) -> Option<
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// No positions (or no heads) give no values, whatever the angles' length.
+    #[test]
+    fn nothing_to_rotate_gives_nothing() {
+        assert!(rotate_half(&[], [2, 0, 4, 8], &[], &[]).is_empty());
+        assert!(rotate_half(&[], [2, 3, 0, 8], &[0.5; 12], &[0.5; 12]).is_empty());
+    }
 
     proptest! {
         /// Every value equals the rotation computed in f64, with the angles shared by every
