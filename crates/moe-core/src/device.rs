@@ -148,6 +148,17 @@ pub(crate) fn is_host_backend(device: &Device) -> bool {
     false
 }
 
+/// Whether `device` is flex, with or without autodiff.
+pub(crate) fn is_flex(device: &Device) -> bool {
+    #[cfg(feature = "flex")]
+    return *device == Device::flex();
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
 /// Parses a device name and opens it: `parse_device("flex")`, `parse_device("wgpu:cpu")`.
 pub fn parse_device(name: &str) -> Result<Device, DeviceError> {
     name.parse::<DeviceSpec>()?.device()

@@ -151,13 +151,20 @@ pub const INLINE_MAX_MACS: usize = 192 * 192 * 192;
 /// of it to another core.
 pub const SPLIT_MIN_WEIGHTS: usize = 1 << 16;
 
+/// Rows from which [`linear_on_cores`] splits a product: one on flex; two on ndarray, whose
+/// one-row product splits itself across rayon's threads, which the shares then compete for
+/// (batch-1 decode on ndarray fell from 135 to 87-91 tokens/s with one-row splits).
+fn split_min_rows(device: &Device) -> usize {
+    if crate::device::is_flex(device) { 1 } else { 2 }
+}
+
 /// `linear` applied to `x`, its weights' input rows split among the cores ([`map_on_cores`])
-/// where flex would run the product on one thread: on a host device outside autodiff, with at
-/// least [`SPLIT_MIN_WEIGHTS`] weights and fewer multiply-adds than [`INLINE_MAX_MACS`] (a
-/// decode step's projections). Each core multiplies its slice of `x`'s columns by its block of
-/// weight rows, which it reads front to back, and the partial products are summed: a decode
-/// step's products are bound by reading the weights, which one core alone reads at 20-26 GB/s
-/// here. Otherwise `linear.forward(x)`.
+/// where flex would run the product on one thread: on a host device outside autodiff, from
+/// [`split_min_rows`] rows, with at least [`SPLIT_MIN_WEIGHTS`] weights and fewer multiply-adds
+/// than [`INLINE_MAX_MACS`] (a decode step's projections). Each core multiplies its slice of
+/// `x`'s columns by its block of weight rows, which it reads front to back, and the partial
+/// products are summed: a decode step's products are bound by reading the weights, which one
+/// core alone reads at 20-26 GB/s here. Otherwise `linear.forward(x)`.
 ///
 /// (Splitting the output columns instead had each core read half of every weight row: at one
 /// row it was no faster than one core; from 2 to 16 rows it measured the same as this.)
@@ -169,6 +176,7 @@ pub fn linear_on_cores<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<
     let rows = x.shape().num_elements() / d_in.max(1);
     let cores = rayon::current_num_threads();
     let small = x.dims()[D - 1] == d_in
+        && rows >= split_min_rows(&x.device())
         && rows * d_in * d_out < INLINE_MAX_MACS
         && d_in * d_out >= SPLIT_MIN_WEIGHTS;
     // `alone` also covers a pool of one thread, where there is no other core to split with.
@@ -293,8 +301,8 @@ mod tests {
         }
     }
 
-    /// Split or not (1, 3 and 16 rows, split on the host backends; 600 rows, past
-    /// `INLINE_MAX_MACS`), with and without a bias, for 2D and 3D inputs: the same as
+    /// Split or not (1 row, split on flex; 3 and 16 rows, split on the host backends; 600 rows,
+    /// past `INLINE_MAX_MACS`), with and without a bias, for 2D and 3D inputs: the same as
     /// `Linear::forward`, up to the order of the sums.
     #[rstest::rstest]
     fn linear_on_cores_equals_forward(
