@@ -135,8 +135,7 @@ pub fn wgpu_adapters() -> Vec<Device> {
 /// Whether `device` is one of the host CPU backends (flex, ndarray), with or without autodiff.
 /// Each has a single device, and `Device` equality ignores autodiff.
 pub(crate) fn is_host_backend(device: &Device) -> bool {
-    #[cfg(feature = "flex")]
-    if *device == Device::flex() {
+    if is_flex(device) {
         return true;
     }
     #[cfg(feature = "ndarray")]
@@ -144,7 +143,6 @@ pub(crate) fn is_host_backend(device: &Device) -> bool {
     if *device == Device::ndarray() {
         return true;
     }
-    let _ = device;
     false
 }
 
