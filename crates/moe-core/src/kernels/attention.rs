@@ -241,29 +241,46 @@ fn sum<S: Simd>(s: S, xs: &[f32]) -> f32 {
     s.reduce_sum_f32s(acc) + tail.iter().sum::<f32>()
 }
 
-/// Output registers one pass of [`weighted_sum`] keeps: on AVX2 (pulp's widest level this
-/// workspace enables), 64 floats, a whole head of 64.
+/// Output registers one pass of [`weighted_sum`] keeps at most: 64 floats on AVX2, a whole
+/// head of 64; on AVX-512 the head takes half of them.
 const SUM_REGISTERS: usize = 8;
 
 /// `out += Σ_j weights[j] * values[j]`, weights `[len]`, values `[len, width]` (rows
-/// `values.stride` apart), out `[width]`. The output stays in registers, [`SUM_REGISTERS`] at
-/// a time, over all the values, each of which is read once per pass, front to back, instead of
-/// being read and written through memory once per value; only the last `width % (8 * lanes)`
-/// columns are.
+/// `values.stride` apart), out `[width]`. The output stays in registers over all the values,
+/// each of which is read once per pass, front to back, instead of being read and written
+/// through memory once per value: passes of [`SUM_REGISTERS`] registers, then 4, 2 and 1 for
+/// what is left (a head of 64 floats is one pass of 8 AVX2 or 4 AVX-512 registers); only the
+/// last `width % lanes` columns go through memory.
 #[inline(always)]
 fn weighted_sum<S: Simd>(s: S, weights: &[f32], values: Rows, out: &mut [f32]) {
-    let lanes = core::mem::size_of::<S::f32s>() / core::mem::size_of::<f32>();
-    let tile = SUM_REGISTERS * lanes;
-    let rows = || {
-        let rows = (0..values.len).map(|j| values.row(j));
-        weights.iter().zip(rows)
-    };
-    let mut d = 0;
+    let mut d = sum_tiles::<S, SUM_REGISTERS>(s, weights, values, out, 0);
+    d = sum_tiles::<S, 4>(s, weights, values, out, d);
+    d = sum_tiles::<S, 2>(s, weights, values, out, d);
+    d = sum_tiles::<S, 1>(s, weights, values, out, d);
+    let width = out.len();
+    if d < width {
+        for (&w, j) in weights.iter().zip(0..values.len) {
+            axpy(s, w, &values.row(j)[d..width], &mut out[d..]);
+        }
+    }
+}
+
+/// [`weighted_sum`]'s columns from `d` in tiles of `R` registers, while a whole tile fits;
+/// returns the first column it left.
+#[inline(always)]
+fn sum_tiles<S: Simd, const R: usize>(
+    s: S,
+    weights: &[f32],
+    values: Rows,
+    out: &mut [f32],
+    mut d: usize,
+) -> usize {
+    let tile = R * core::mem::size_of::<S::f32s>() / core::mem::size_of::<f32>();
     while d + tile <= out.len() {
         let (acc, _) = S::as_mut_simd_f32s(&mut out[d..d + tile]);
-        let mut regs: [S::f32s; SUM_REGISTERS] = core::array::from_fn(|r| acc[r]);
-        for (&w, value) in rows() {
-            let (v, _) = S::as_simd_f32s(&value[d..d + tile]);
+        let mut regs: [S::f32s; R] = core::array::from_fn(|r| acc[r]);
+        for (&w, j) in weights.iter().zip(0..values.len) {
+            let (v, _) = S::as_simd_f32s(&values.row(j)[d..d + tile]);
             let w = s.splat_f32s(w);
             for (r, v) in regs.iter_mut().zip(v) {
                 *r = s.mul_add_f32s(w, *v, *r);
@@ -272,12 +289,7 @@ fn weighted_sum<S: Simd>(s: S, weights: &[f32], values: Rows, out: &mut [f32]) {
         acc.copy_from_slice(&regs);
         d += tile;
     }
-    let width = out.len();
-    if d < width {
-        for (&w, value) in rows() {
-            axpy(s, w, &value[d..width], &mut out[d..]);
-        }
-    }
+    d
 }
 
 /// `out += a * x`.
@@ -399,8 +411,8 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(48))]
         /// Keys and values read through a cache buffer with spare capacity and gaps between
         /// positions, held in f32 or f16, any group size, head widths below and above one
-        /// pass of output registers (64 floats on AVX2) and between passes, left padding per
-        /// row, and more positions than one block.
+        /// pass of output registers (64 floats on AVX2, 128 on AVX-512) and between passes,
+        /// left padding per row, and more positions than one block.
         #[test]
         fn the_kernel_computes_attention(
             (b, kvh, g, hd, total, spare, gap, v, first) in (1usize..4, 1usize..3, 1usize..7, prop_oneof![1usize..20, 60usize..140, prop::sample::select(vec![64usize, 72, 128])], 1usize..150, 0usize..5, 0usize..3)

@@ -3,8 +3,8 @@
 //! Decoding multiplies each weight by a few rows and each cached key by one query. gemm, built
 //! for large tiles, runs those at a fraction of the memory bandwidth (docs/benchmarks.md); these
 //! kernels stream every weight row and cached key once for all rows, on every core. Element-wise
-//! work that Burn composes from several ops runs as one pass. All are vectorised
-//! for the CPU found at run time (pulp: AVX2 and FMA on x86-64, NEON on aarch64, scalar
+//! work that Burn composes from several ops runs as one pass. All are vectorised for the CPU
+//! found at run time (pulp: AVX-512, else AVX2 and FMA on x86-64, NEON on aarch64, scalar
 //! elsewhere). They read flex tensors in place ([`HostF32`]) and work on slices; every other
 //! backend, dtype and autodiff keeps Burn's ops.
 //!
