@@ -69,7 +69,7 @@ impl ExpertWeights {
     /// The expert on its rows: `silu(x W_gate) * (x W_up) W_down`. On flex, an expert in
     /// [`WeightOrder::OutIn`] on [`kernels::SWIGLU_MIN_ROWS`] to [`kernels::SWIGLU_MAX_ROWS`]
     /// f32 rows (batched decoding) runs the host kernel [`kernels::swiglu_out_in`]; the rest
-    /// run Burn's matmuls.
+    /// run [`kernels::matmul`] (gemm into its output on flex, Burn's matmul elsewhere).
     ///
     /// rows: `[n, d_model]` -> `[n, d_model]`
     pub fn forward(&self, rows: Tensor<2>) -> Tensor<2> {
@@ -78,22 +78,23 @@ impl ExpertWeights {
         {
             return out;
         }
+        let mm = kernels::matmul;
         match self.order {
             WeightOrder::InOut => {
-                let gate = rows.clone().matmul(self.w_gate.clone()); // [n, f]
-                let up = rows.matmul(self.w_up.clone()); // [n, f]
-                gated(gate, up).matmul(self.w_down.clone()) // [n, d]
+                let gate = mm(rows.clone(), self.w_gate.clone()); // [n, f]
+                let up = mm(rows, self.w_up.clone()); // [n, f]
+                mm(gated(gate, up), self.w_down.clone()) // [n, d]
             }
             WeightOrder::OutIn if rows.dims()[0] <= OUT_IN_MAX_ROWS => {
                 let cols = rows.transpose(); // [d, n]
-                let gate = self.w_gate.clone().matmul(cols.clone()); // [f, n]
-                let up = self.w_up.clone().matmul(cols); // [f, n]
-                self.w_down.clone().matmul(gated(gate, up)).transpose() // [n, d]
+                let gate = mm(self.w_gate.clone(), cols.clone()); // [f, n]
+                let up = mm(self.w_up.clone(), cols); // [f, n]
+                mm(self.w_down.clone(), gated(gate, up)).transpose() // [n, d]
             }
             WeightOrder::OutIn => {
-                let gate = rows.clone().matmul(self.w_gate.clone().transpose()); // [n, f]
-                let up = rows.matmul(self.w_up.clone().transpose()); // [n, f]
-                gated(gate, up).matmul(self.w_down.clone().transpose()) // [n, d]
+                let gate = mm(rows.clone(), self.w_gate.clone().transpose()); // [n, f]
+                let up = mm(rows, self.w_up.clone().transpose()); // [n, f]
+                mm(gated(gate, up), self.w_down.clone().transpose()) // [n, d]
             }
         }
     }

@@ -47,11 +47,13 @@ impl SwiGluFfnConfig {
 }
 
 impl SwiGluFfn {
+    /// Each projection runs [`kernels::linear_forward`] (gemm into its output on flex).
+    ///
     /// x: `[..., d_model]` -> `[..., d_model]`
     pub fn forward<const D: usize>(&self, x: Tensor<D>) -> Tensor<D> {
-        let gate = self.w_gate.forward(x.clone()); // [..., d_ff]
-        let up = self.w_up.forward(x); // [..., d_ff]
-        self.w_down.forward(gated(gate, up))
+        let gate = kernels::linear_forward(&self.w_gate, x.clone()); // [..., d_ff]
+        let up = kernels::linear_forward(&self.w_up, x); // [..., d_ff]
+        kernels::linear_forward(&self.w_down, gated(gate, up))
     }
 }
 

@@ -5,10 +5,10 @@ use burn::prelude::*;
 use burn::tensor::module::{attention, attention_fallback};
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, f16};
-use moe_core::host::{linear_on_cores, runs_on_host};
-
+use moe_core::host::runs_on_host;
 use moe_core::kernels::{
-    Host, HostF32, KvRows, PrefillShape, decode_attention, host_tensor, prefill_attention,
+    Host, HostF32, KvRows, PrefillShape, decode_attention, host_tensor, linear_on_cores,
+    prefill_attention, rms_norm,
 };
 
 use crate::config::{ModelConfig, QkNorm};
@@ -117,11 +117,11 @@ impl Attention {
         let [b, s, _] = x.dims();
         let mut t = linear_on_cores(proj, x);
         if let (Some(norm), Some(QkNorm::Full)) = (norm, self.qk_norm) {
-            t = norm.forward(t);
+            t = rms_norm(norm, t);
         }
         let mut t = t.reshape([b, s, n, self.head_dim]);
         if let (Some(norm), Some(QkNorm::PerHead)) = (norm, self.qk_norm) {
-            t = norm.forward(t);
+            t = rms_norm(norm, t);
         }
         if let Some(at) = at {
             t = Rope::rotate(t, &at.cos, &at.sin);

@@ -3,6 +3,7 @@
 use burn::nn::{Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 use burn::tensor::activation::sigmoid;
+use moe_core::kernels::rms_norm;
 use moe_core::{AuxLosses, MoeLayer, RoutingStats, SwiGluFfn, SwiGluFfnConfig};
 
 use crate::attention::{Attention, Positions};
@@ -125,7 +126,7 @@ impl Block {
             return;
         };
         let [b, s, d] = x.dims();
-        let h = self.ffn_norm.forward(x.clone()).reshape([b * s, d]);
+        let h = rms_norm(&self.ffn_norm, x.clone()).reshape([b * s, d]);
         let routing = moe.router.forward(h);
         let moe_core::Assignment::TokenChoice { experts, .. } = routing.assignment else {
             return;
@@ -167,7 +168,7 @@ impl Block {
     ) -> Tensor<3> {
         let attn = self
             .attn
-            .forward(self.attn_norm.forward(x.clone()), at, cache);
+            .forward(rms_norm(&self.attn_norm, x.clone()), at, cache);
         x + self.scaled(attn)
     }
 
@@ -180,7 +181,7 @@ impl Block {
         at: &Positions,
         report: bool,
     ) -> (Tensor<3>, Option<MoeReport>) {
-        let h = self.ffn_norm.forward(x.clone());
+        let h = rms_norm(&self.ffn_norm, x.clone());
         let (y, report) = match &self.ffn {
             Ffn::Dense(ffn) => (ffn.forward(h.clone()), None),
             Ffn::Moe(moe) => {

@@ -7,7 +7,7 @@ use std::sync::Mutex;
 
 use burn::module::{ModuleVisitor, Param};
 use burn::prelude::*;
-use moe_core::host::linear_on_cores;
+use moe_core::kernels::{linear_on_cores, rms_norm};
 use moe_core::{AuxLosses, MoeLayerConfig, Router, RoutingStats};
 
 use crate::attention::Positions;
@@ -241,7 +241,7 @@ impl MoeLm {
         let mut inputs = Vec::with_capacity(self.blocks.len());
         for block in &self.blocks {
             let attended = block.attend(x, &at, None);
-            inputs.push(block.ffn_norm.forward(attended.clone()));
+            inputs.push(rms_norm(&block.ffn_norm, attended.clone()));
             x = block.feed(attended, &at, false).0;
         }
         inputs
@@ -401,7 +401,7 @@ impl MoeLm {
     ///
     /// x: `[batch, seq, d_model]` -> `[batch, seq, vocab]`
     fn head(&self, x: Tensor<3>) -> Tensor<3> {
-        let x = self.norm.forward(x);
+        let x = rms_norm(&self.norm, x);
         let logits = match &self.lm_head {
             Some(head) => linear_on_cores(head, x),
             None => x.matmul(self.embed.weight.val().transpose().unsqueeze_dim(0)), // [b, s, vocab]

@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use burn::nn::Linear;
 use burn::prelude::*;
 use rayon::ThreadPool;
 
@@ -146,67 +145,6 @@ fn team_of(cores: usize) -> &'static (Team, ThreadPool) {
 /// (burn-flex's `PARALLEL_THRESHOLD`, 192^3).
 pub const INLINE_MAX_MACS: usize = 192 * 192 * 192;
 
-/// Weights (`in * out`) from which [`linear_on_cores`] splits a product among the cores: a
-/// quarter of a megabyte of f32, read in about 10 µs, against about a microsecond to hand half
-/// of it to another core.
-pub const SPLIT_MIN_WEIGHTS: usize = 1 << 16;
-
-/// Rows from which [`linear_on_cores`] splits a product: one on flex; two on ndarray, whose
-/// one-row product splits itself across rayon's threads, which the shares then compete for
-/// (batch-1 decode on ndarray fell from 135 to 87-91 tokens/s with one-row splits).
-fn split_min_rows(device: &Device) -> usize {
-    if crate::device::is_flex(device) { 1 } else { 2 }
-}
-
-/// `linear` applied to `x`, its weights' input rows split among the cores ([`map_on_cores`])
-/// where flex would run the product on one thread: on a host device outside autodiff, from
-/// [`split_min_rows`] rows, with at least [`SPLIT_MIN_WEIGHTS`] weights and fewer multiply-adds
-/// than [`INLINE_MAX_MACS`] (a decode step's projections). Each core multiplies its slice of
-/// `x`'s columns by its block of weight rows, which it reads front to back, and the partial
-/// products are summed: a decode step's products are bound by reading the weights, which one
-/// core alone reads at 20-26 GB/s here. Otherwise `linear.forward(x)`.
-///
-/// (Splitting the output columns instead had each core read half of every weight row: at one
-/// row it was no faster than one core; from 2 to 16 rows it measured the same as this.)
-///
-/// x: `[.., in]` -> `[.., out]`
-pub fn linear_on_cores<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D> {
-    let w = linear.weight.val(); // [in, out]
-    let [d_in, d_out] = w.dims();
-    let rows = x.shape().num_elements() / d_in.max(1);
-    let cores = rayon::current_num_threads();
-    let small = x.dims()[D - 1] == d_in
-        && rows >= split_min_rows(&x.device())
-        && rows * d_in * d_out < INLINE_MAX_MACS
-        && d_in * d_out >= SPLIT_MIN_WEIGHTS;
-    // `alone` also covers a pool of one thread, where there is no other core to split with.
-    if !small || alone() || !runs_on_host(&x.device()) {
-        return linear.forward(x);
-    }
-    let mut dims = x.dims();
-    let x = x.reshape([rows, d_in]);
-    // On many cores, each share keeps at least half of SPLIT_MIN_WEIGHTS: the partial products
-    // are summed one after another on this thread.
-    let shares = cores.min(d_in * d_out / (SPLIT_MIN_WEIGHTS / 2));
-    let parts: Vec<_> = (0..shares)
-        .map(|c| c * d_in / shares..(c + 1) * d_in / shares)
-        .filter(|r| !r.is_empty())
-        .collect();
-    let partials = map_on_cores(&parts, CallerShare::Inline, |ins| {
-        let w = w.clone().slice([ins.clone(), 0..d_out]);
-        x.clone().slice([0..rows, ins.clone()]).matmul(w)
-    });
-    let mut y = partials
-        .into_iter()
-        .reduce(|a, b| a + b)
-        .expect("at least one core"); // [rows, out]
-    if let Some(b) = &linear.bias {
-        y = y + b.val().unsqueeze_dim(0);
-    }
-    dims[D - 1] = d_out;
-    y.reshape(dims)
-}
-
 /// Keeps glibc's allocator from returning memory to the system between steps; a no-op on other
 /// platforms. Call it once at the start of a program that runs models on a host backend.
 ///
@@ -299,42 +237,6 @@ mod tests {
             let want: Vec<usize> = (0..20).flat_map(|_| (0..50).map(move |i| i * t)).collect();
             assert_eq!(r, &want);
         }
-    }
-
-    /// Split or not (1 row, split on flex; 3 and 16 rows, split on the host backends; 600 rows,
-    /// past `INLINE_MAX_MACS`), with and without a bias, for 2D and 3D inputs: the same as
-    /// `Linear::forward`, up to the order of the sums.
-    #[rstest::rstest]
-    fn linear_on_cores_equals_forward(
-        #[values("flex", "ndarray", "wgpu")] backend: &str,
-        #[values(1, 3, 16, 600)] rows: usize,
-        #[values(true, false)] bias: bool,
-    ) {
-        use burn::nn::LinearConfig;
-        use burn::tensor::Distribution;
-
-        let Some(device) = crate::testing::test_device(backend) else {
-            return;
-        };
-        let (d_in, d_out) = (256, 384);
-        assert!(d_in * d_out >= SPLIT_MIN_WEIGHTS && 16 * d_in * d_out < INLINE_MAX_MACS);
-        assert!(600 * d_in * d_out >= INLINE_MAX_MACS);
-        let linear = LinearConfig::new(d_in, d_out).with_bias(bias).init(&device);
-        let x = Tensor::<3>::random([1, rows, d_in], Distribution::Default, &device);
-        let close = |a: Tensor<3>, b: Tensor<3>| {
-            let (a, b) = (crate::testing::values(a), crate::testing::values(b));
-            assert_eq!(a.len(), b.len());
-            for (a, b) in a.iter().zip(&b) {
-                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {b}");
-            }
-        };
-        close(
-            linear_on_cores(&linear, x.clone()),
-            linear.forward(x.clone()),
-        );
-        let x2 = x.reshape([rows, d_in]);
-        let split: Tensor<2> = linear_on_cores(&linear, x2.clone());
-        close(split.unsqueeze(), linear.forward(x2).unsqueeze());
     }
 
     #[test]

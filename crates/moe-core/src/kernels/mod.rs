@@ -21,12 +21,20 @@
 //!   by `moe-model`'s attention for queries and keys.
 //! - [`silu_mul`]: SwiGLU's gate, `silu(gate) * up`, in one pass (any number of rows), used by
 //!   every SwiGLU block through [`gated`](crate::ffn::gated).
+//! - [`matmul`] and [`linear_forward`]: gemm's product written straight into its output (flex's
+//!   own allocates it twice and copies it once), used by the experts, the dense SwiGLU blocks and
+//!   the attention projections; [`linear_on_cores`] splits a decode step's linear layer by its
+//!   weight rows among the cores.
+//! - [`rms_norm`]: RMSNorm in one pass over each row, used by every norm of `moe-model`'s
+//!   transformer.
 
 mod attention;
 mod dot;
 mod exp;
 mod gated;
 mod host;
+mod linear;
+mod norm;
 mod prefill;
 mod rotary;
 mod scores;
@@ -39,6 +47,8 @@ pub use exp::exp;
 use gated::silu;
 pub use gated::{silu_mul, silu_mul_tensor};
 pub use host::{Host, HostElement, HostF32, host_tensor};
+pub use linear::{SPLIT_MIN_WEIGHTS, linear_forward, linear_on_cores, matmul};
+pub use norm::{rms_norm, rms_norm_rows};
 pub use prefill::{PrefillShape, prefill_attention};
 pub use rotary::{rotary_tensor, rotate_half};
 pub use swiglu::{SWIGLU_MAX_ROWS, SWIGLU_MIN_ROWS, swiglu_out_in, swiglu_tensor};
