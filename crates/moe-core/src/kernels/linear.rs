@@ -75,12 +75,12 @@ fn operand(t: &HostF32, [rows, cols]: [usize; 2]) -> Option<(&[f32], [isize; 2])
     if rs < 0 || cs < 0 {
         return None;
     }
-    let last = match rows * cols {
-        0 => 0,
-        _ => (rows - 1) * rs as usize + (cols - 1) * cs as usize,
-    };
     let view = data.get(offset..)?;
-    (last < view.len() || rows * cols == 0).then_some((view, [rs, cs]))
+    if rows * cols == 0 {
+        return Some((view, [rs, cs]));
+    }
+    let last = (rows - 1) * rs as usize + (cols - 1) * cs as usize;
+    (last < view.len()).then_some((view, [rs, cs]))
 }
 
 /// `linear.forward(x)` with its product run by [`matmul`] (every leading dimension of `x` one
@@ -95,12 +95,19 @@ pub fn linear_forward<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<D
         return linear.forward(x);
     }
     let rows = dims[..D - 1].iter().product();
-    let mut y = matmul(x.reshape([rows, d_in]), w);
-    if let Some(b) = &linear.bias {
-        y = y + b.val().unsqueeze_dim(0);
-    }
+    let y = matmul(x.reshape([rows, d_in]), w);
     dims[D - 1] = d_out;
-    y.reshape(dims)
+    biased(linear, y).reshape(dims)
+}
+
+/// `y` plus `linear`'s bias, if it has one, on every row.
+///
+/// y: `[rows, out]` -> `[rows, out]`
+fn biased(linear: &Linear, y: Tensor<2>) -> Tensor<2> {
+    match &linear.bias {
+        Some(b) => y + b.val().unsqueeze_dim(0),
+        None => y,
+    }
 }
 
 /// Weights (`in * out`) from which [`linear_on_cores`] splits a product among the cores: a
@@ -153,15 +160,12 @@ pub fn linear_on_cores<const D: usize>(linear: &Linear, x: Tensor<D>) -> Tensor<
         let w = w.clone().slice([ins.clone(), 0..d_out]);
         matmul(x.clone().slice([0..rows, ins.clone()]), w)
     });
-    let mut y = partials
+    let y = partials
         .into_iter()
         .reduce(|a, b| a + b)
         .expect("at least one core"); // [rows, out]
-    if let Some(b) = &linear.bias {
-        y = y + b.val().unsqueeze_dim(0);
-    }
     dims[D - 1] = d_out;
-    y.reshape(dims)
+    biased(linear, y).reshape(dims)
 }
 
 #[cfg(test)]

@@ -40,11 +40,10 @@ pub fn rms_norm_rows(x: &[f32], gamma: &[f32], epsilon: f64) -> Vec<f32> {
         "rms_norm_rows: {} values are not rows of {d}",
         x.len()
     );
-    let rows = (CHUNK / d).max(1);
+    let (rows, epsilon) = ((CHUNK / d).max(1), epsilon as f32);
     let mut out = vec![0.0; x.len()];
     each_chunk(&mut out, rows * d, |i, out| {
         let x = &x[i * rows * d..][..out.len()];
-        let epsilon = epsilon as f32;
         arch().dispatch(Rms {
             x,
             gamma,
