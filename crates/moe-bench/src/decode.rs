@@ -54,6 +54,11 @@ pub fn decode_model() -> ModelConfig {
 /// 1 ran 40-140 times slower than its second; every backend first touches its buffers' memory)
 /// is not what a prefill or a decode step costs, and the peers it is compared with are timed
 /// warm.
+///
+/// The decode steps of one batch size's contexts are taken in turn, one step of each, so that
+/// the machine's drift in speed (10-50% between runs of a few seconds on a shared host) falls
+/// on every context alike and their ratios (position 1000 against position 16) measure the
+/// positions rather than the moment.
 pub fn decode_speed(
     model: &MoeLm,
     batches: &[usize],
@@ -71,18 +76,12 @@ pub fn decode_speed(
         return Err("a batch must hold at least 1 sequence".into());
     }
     if max > 1 {
-        run_once(model, 1, WARM_UP_TOKENS.min(max - 1), 1, 1);
+        let mut warm = Sequences::prefilled(model, 1, WARM_UP_TOKENS.min(max - 1), 1);
+        warm.decode(model, 1);
     }
     Ok(batches
         .iter()
-        .flat_map(|&b| contexts.iter().map(move |&c| (b, c)))
-        .map(|(b, c)| {
-            let first = run_once(model, b, c, WARM_UP_STEPS.min(new_tokens), new_tokens);
-            DecodeCase {
-                first_prefill_tokens_per_s: first.prefill_tokens_per_s,
-                ..run_once(model, b, c, new_tokens, new_tokens)
-            }
-        })
+        .flat_map(|&b| batch_cases(model, b, contexts, new_tokens))
         .collect())
 }
 
@@ -92,51 +91,94 @@ pub const WARM_UP_TOKENS: usize = 256;
 /// Decode steps of each case's untimed run.
 pub const WARM_UP_STEPS: usize = 2;
 
-/// One prefill of `batch` prompts of `context` ids and `new_tokens` decode steps, timed, with a
-/// cache for `reserve` new tokens.
-fn run_once(
+/// The cases of batch size `batch`: each context's untimed run, then its timed prefill, then
+/// the timed decode steps of every context in turn.
+fn batch_cases(
     model: &MoeLm,
     batch: usize,
-    context: usize,
+    contexts: &[usize],
     new_tokens: usize,
-    reserve: usize,
-) -> DecodeCase {
-    let device = model.embed.weight.val().device();
-    let vocab = model.config.vocab_size as i64;
-    let prompt: Vec<i64> = (0..batch as i64)
-        .flat_map(|r| (0..context as i64).map(move |i| (i * 7919 + 13 + r * 104_729) % vocab))
+) -> Vec<DecodeCase> {
+    let mut runs: Vec<_> = contexts
+        .iter()
+        .map(|&context| {
+            let mut first = Sequences::prefilled(model, batch, context, new_tokens);
+            first.decode(model, WARM_UP_STEPS.min(new_tokens));
+            let first_prefill = first.prefill_s;
+            drop(first);
+            (
+                Sequences::prefilled(model, batch, context, new_tokens),
+                first_prefill,
+            )
+        })
         .collect();
-    let mut cache = model.new_cache(Vec::new(), context + reserve);
-    let start = Instant::now();
-    let mut next = step(model, &prompt, batch, &mut cache, &device);
-    let prefill = start.elapsed().as_secs_f64();
-    let start = Instant::now();
+    let mut decode_s = vec![0.0; runs.len()];
     for _ in 0..new_tokens {
-        next = step(model, &next, batch, &mut cache, &device);
+        for ((run, _), time) in runs.iter_mut().zip(&mut decode_s) {
+            *time += run.decode(model, 1);
+        }
     }
-    let decode = start.elapsed().as_secs_f64();
-    let prefill_tokens_per_s = (batch * context) as f64 / prefill.max(1e-9);
-    DecodeCase {
-        batch,
-        context,
-        prefill_tokens_per_s,
-        // This run's own prefill; `decode_speed` replaces it with the case's untimed first run.
-        first_prefill_tokens_per_s: prefill_tokens_per_s,
-        decode_tokens_per_s: (batch * new_tokens) as f64 / decode.max(1e-9),
-        new_tokens,
+    runs.into_iter()
+        .zip(decode_s)
+        .map(|((run, first_prefill), decode)| {
+            let prompt_tokens = (batch * run.context) as f64;
+            DecodeCase {
+                batch,
+                context: run.context,
+                prefill_tokens_per_s: prompt_tokens / run.prefill_s.max(1e-9),
+                first_prefill_tokens_per_s: prompt_tokens / first_prefill.max(1e-9),
+                decode_tokens_per_s: (batch * new_tokens) as f64 / decode.max(1e-9),
+                new_tokens,
+            }
+        })
+        .collect()
+}
+
+/// `batch` sequences after their prompts of `context` pseudo-random ids: the cache, each row's
+/// next token, and how long the prefill took.
+struct Sequences {
+    cache: KvCache,
+    next: Vec<i64>,
+    batch: usize,
+    context: usize,
+    prefill_s: f64,
+}
+
+impl Sequences {
+    /// Runs the prompts in one timed forward pass, with a cache for `reserve` new tokens.
+    fn prefilled(model: &MoeLm, batch: usize, context: usize, reserve: usize) -> Self {
+        let vocab = model.config.vocab_size as i64;
+        let prompt: Vec<i64> = (0..batch as i64)
+            .flat_map(|r| (0..context as i64).map(move |i| (i * 7919 + 13 + r * 104_729) % vocab))
+            .collect();
+        let mut cache = model.new_cache(Vec::new(), context + reserve);
+        let start = Instant::now();
+        let next = step(model, &prompt, batch, &mut cache);
+        let prefill_s = start.elapsed().as_secs_f64();
+        Self {
+            cache,
+            next,
+            batch,
+            context,
+            prefill_s,
+        }
+    }
+
+    /// Takes `steps` greedy decode steps; returns how long they took, in seconds.
+    fn decode(&mut self, model: &MoeLm, steps: usize) -> f64 {
+        let start = Instant::now();
+        for _ in 0..steps {
+            self.next = step(model, &self.next, self.batch, &mut self.cache);
+        }
+        start.elapsed().as_secs_f64()
     }
 }
 
 /// Runs `batch` equal rows of `ids` after the cached ones and returns each row's most likely
 /// next token (read back).
-fn step(
-    model: &MoeLm,
-    ids: &[i64],
-    batch: usize,
-    cache: &mut KvCache,
-    device: &Device,
-) -> Vec<i64> {
-    let tokens = Tensor::<1, Int>::from_ints(ids, device).reshape([batch, ids.len() / batch]);
+fn step(model: &MoeLm, ids: &[i64], batch: usize, cache: &mut KvCache) -> Vec<i64> {
+    let device = model.embed.weight.val().device();
+    let tokens = Tensor::<1, Int>::from_ints(ids, &device).reshape([batch, ids.len() / batch]);
     let last = model.forward_last(tokens, cache); // [batch, vocab]
     last.argmax(1).into_data().iter::<i64>().collect()
 }
