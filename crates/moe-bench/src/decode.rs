@@ -112,22 +112,20 @@ fn batch_cases(
             )
         })
         .collect();
-    let mut decode_s = vec![0.0; runs.len()];
     for _ in 0..new_tokens {
-        for ((run, _), time) in runs.iter_mut().zip(&mut decode_s) {
-            *time += run.decode(model, 1);
+        for (run, _) in &mut runs {
+            run.decode(model, 1);
         }
     }
     runs.into_iter()
-        .zip(decode_s)
-        .map(|((run, first_prefill), decode)| {
+        .map(|(run, first_prefill)| {
             let prompt_tokens = (batch * run.context) as f64;
             DecodeCase {
                 batch,
                 context: run.context,
                 prefill_tokens_per_s: prompt_tokens / run.prefill_s.max(1e-9),
                 first_prefill_tokens_per_s: prompt_tokens / first_prefill.max(1e-9),
-                decode_tokens_per_s: (batch * new_tokens) as f64 / decode.max(1e-9),
+                decode_tokens_per_s: (batch * new_tokens) as f64 / run.decode_s.max(1e-9),
                 new_tokens,
             }
         })
@@ -135,50 +133,60 @@ fn batch_cases(
 }
 
 /// `batch` sequences after their prompts of `context` pseudo-random ids: the cache, each row's
-/// next token, and how long the prefill took.
+/// next token, and how long the prefill and the decode steps so far took.
 struct Sequences {
     cache: KvCache,
     next: Vec<i64>,
+    device: Device,
     batch: usize,
     context: usize,
     prefill_s: f64,
+    decode_s: f64,
 }
 
 impl Sequences {
     /// Runs the prompts in one timed forward pass, with a cache for `reserve` new tokens.
     fn prefilled(model: &MoeLm, batch: usize, context: usize, reserve: usize) -> Self {
+        let device = model.embed.weight.val().device();
         let vocab = model.config.vocab_size as i64;
         let prompt: Vec<i64> = (0..batch as i64)
             .flat_map(|r| (0..context as i64).map(move |i| (i * 7919 + 13 + r * 104_729) % vocab))
             .collect();
         let mut cache = model.new_cache(Vec::new(), context + reserve);
         let start = Instant::now();
-        let next = step(model, &prompt, batch, &mut cache);
+        let next = step(model, &prompt, batch, &mut cache, &device);
         let prefill_s = start.elapsed().as_secs_f64();
         Self {
             cache,
             next,
+            device,
             batch,
             context,
             prefill_s,
+            decode_s: 0.0,
         }
     }
 
-    /// Takes `steps` greedy decode steps; returns how long they took, in seconds.
-    fn decode(&mut self, model: &MoeLm, steps: usize) -> f64 {
+    /// Takes `steps` greedy decode steps, adding the time they took to `decode_s`.
+    fn decode(&mut self, model: &MoeLm, steps: usize) {
         let start = Instant::now();
         for _ in 0..steps {
-            self.next = step(model, &self.next, self.batch, &mut self.cache);
+            self.next = step(model, &self.next, self.batch, &mut self.cache, &self.device);
         }
-        start.elapsed().as_secs_f64()
+        self.decode_s += start.elapsed().as_secs_f64();
     }
 }
 
 /// Runs `batch` equal rows of `ids` after the cached ones and returns each row's most likely
 /// next token (read back).
-fn step(model: &MoeLm, ids: &[i64], batch: usize, cache: &mut KvCache) -> Vec<i64> {
-    let device = model.embed.weight.val().device();
-    let tokens = Tensor::<1, Int>::from_ints(ids, &device).reshape([batch, ids.len() / batch]);
+fn step(
+    model: &MoeLm,
+    ids: &[i64],
+    batch: usize,
+    cache: &mut KvCache,
+    device: &Device,
+) -> Vec<i64> {
+    let tokens = Tensor::<1, Int>::from_ints(ids, device).reshape([batch, ids.len() / batch]);
     let last = model.forward_last(tokens, cache); // [batch, vocab]
     last.argmax(1).into_data().iter::<i64>().collect()
 }
