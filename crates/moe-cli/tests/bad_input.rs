@@ -133,6 +133,7 @@ impl Fixture {
         f.write("capacity.json", r#"{"moe": {"capacity_factor": 0.0}}"#);
         f.write("negative-lr.json", r#"{"lr": -0.001}"#);
         f.write("negative-aux.json", r#"{"aux_loss_coef": -1.0}"#);
+        f.write("zero-router-lr.json", r#"{"router_lr_scale": 0.0}"#);
         f.write("wrong-type.json", r#"{"steps": "many"}"#);
         f
     }
@@ -289,6 +290,11 @@ const CASES: &[(&str, &str, &str)] = &[
         "negative loss coefficient",
         "train --config negative-aux.json --out r",
         "aux_loss_coef must be >= 0",
+    ),
+    (
+        "router learning rate scale of zero",
+        "train --config zero-router-lr.json --out r",
+        "router_lr_scale must be > 0",
     ),
     (
         "zero steps",

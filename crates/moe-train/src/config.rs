@@ -40,6 +40,10 @@ pub struct TrainConfig {
     /// Linear warm-up steps. Default: 30.
     #[config(default = 30)]
     pub warmup_steps: usize,
+    /// The routers' learning rate as a multiple of `lr` (and of `min_lr`), through warm-up and
+    /// decay. Default: 1.
+    #[config(default = 1.0)]
+    pub router_lr_scale: f64,
     /// AdamW weight decay. Default: 0.01.
     #[config(default = 0.01)]
     pub weight_decay: f64,
@@ -111,6 +115,12 @@ impl TrainConfig {
         }
         if !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
             return bad(format!("min_lr must be in [0, lr], got {}", self.min_lr));
+        }
+        if !(self.router_lr_scale > 0.0 && self.router_lr_scale.is_finite()) {
+            return bad(format!(
+                "router_lr_scale must be > 0, got {}",
+                self.router_lr_scale
+            ));
         }
         for (name, v) in [
             ("weight_decay", self.weight_decay),

@@ -5,7 +5,7 @@
 use burn::lr_scheduler::LrSchedulerConfig;
 use burn::lr_scheduler::cosine::CosineAnnealingLrSchedulerConfig;
 use burn::lr_scheduler::linear::LinearLrSchedulerConfig;
-use burn::lr_scheduler::module_lr_scheduler::ModuleLrScheduler;
+use burn::lr_scheduler::module_lr_scheduler::{ModuleLrScheduler, ModuleLrSchedulerConfig};
 use burn::lr_scheduler::sequential::SequentialLrSchedulerConfig;
 use burn::module::{Module, ParamGroup};
 use burn::optim::{AdamWConfig, ModuleOptimizer};
@@ -16,29 +16,40 @@ use moe_model::block::Ffn;
 use crate::config::{TrainConfig, TrainPart};
 use crate::error::{DataError, Result};
 
-/// Warm-up from lr/100 to lr, then cosine to min_lr, as Burn schedulers.
+/// Warm-up from lr/100 to lr, then cosine to min_lr, as Burn schedulers; the routers' gates
+/// ([`no_decay_group`]) follow the same curve scaled by `router_lr_scale`.
 pub fn lr_schedule(config: &TrainConfig) -> Result<ModuleLrScheduler> {
+    let base = ModuleLrSchedulerConfig::new(warmup_cosine(config, 1.0).into());
+    let schedule = if config.router_lr_scale == 1.0 {
+        base
+    } else {
+        base.with_group(
+            no_decay_group(),
+            warmup_cosine(config, config.router_lr_scale),
+        )
+    };
+    schedule.init().map_err(DataError::Config)
+}
+
+/// The run's warm-up and cosine decay, every learning rate multiplied by `scale`.
+fn warmup_cosine(config: &TrainConfig, scale: f64) -> SequentialLrSchedulerConfig {
+    let (lr, min_lr) = (config.lr * scale, config.min_lr * scale);
     let warmup = config.warmup_steps.min(config.steps.saturating_sub(1));
     let decay = (config.steps - warmup).max(1);
     let cosine = LrSchedulerConfig::Cosine(
-        CosineAnnealingLrSchedulerConfig::new(config.lr, decay).with_min_lr(config.min_lr),
+        CosineAnnealingLrSchedulerConfig::new(lr, decay).with_min_lr(min_lr),
     );
-    let schedule = if warmup == 0 {
+    if warmup == 0 {
         SequentialLrSchedulerConfig::new(vec![cosine], vec![])
     } else {
         SequentialLrSchedulerConfig::new(
             vec![
-                LrSchedulerConfig::Linear(LinearLrSchedulerConfig::new(
-                    config.lr / 100.0,
-                    config.lr,
-                    warmup,
-                )),
+                LrSchedulerConfig::Linear(LinearLrSchedulerConfig::new(lr / 100.0, lr, warmup)),
                 cosine,
             ],
             vec![warmup],
         )
-    };
-    schedule.init().map_err(DataError::Config)
+    }
 }
 
 /// The parameters that take no weight decay: the routers' gates. Decay would pull the gate
@@ -102,40 +113,81 @@ mod tests {
     use super::*;
     use moe_core::testing::values;
 
-    /// A zero gradient for every float parameter.
-    struct Zeros(GradientsParams);
+    /// The same gradient `.1` for every element of every float parameter.
+    struct Filled(GradientsParams, f32);
 
-    impl ModuleVisitor for Zeros {
+    impl ModuleVisitor for Filled {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-            self.0.register(param.id, param.val().inner().zeros_like());
+            let grad = param.val().inner().ones_like().mul_scalar(self.1);
+            self.0.register(param.id, grad);
         }
     }
 
-    #[test]
-    fn weight_decay_spares_the_routers_only() {
+    /// The default MoE with one layer over a vocabulary of 16, and a gradient of `grad`.
+    fn one_layer(grad: f32) -> (MoeLm, GradientsParams) {
         let device = Device::flex().autodiff();
         let model = ModelConfig::new()
             .with_vocab_size(16)
             .with_n_layers(1)
             .init_seeded(&device, 1)
             .unwrap();
+        let mut filled = Filled(GradientsParams::new(), grad);
+        model.visit(&mut filled);
+        (model, filled.0)
+    }
+
+    fn gate(model: &MoeLm) -> Vec<f32> {
         let Ffn::Moe(moe) = &model.blocks[0].ffn else {
             panic!("the default model is an MoE")
         };
-        let gate = values(moe.router.gate.weight.val());
-        let embed = values(model.embed.weight.val());
-        let mut zeros = Zeros(GradientsParams::new());
-        model.visit(&mut zeros);
+        values(moe.router.gate.weight.val())
+    }
+
+    #[test]
+    fn weight_decay_spares_the_routers_only() {
+        let (model, zeros) = one_layer(0.0);
+        let (gate_before, embed) = (gate(&model), values(model.embed.weight.val()));
         let config = TrainConfig::new().with_weight_decay(0.5);
-        let model = optimizer(&config).step(0.1, model, zeros.0);
-        let Ffn::Moe(moe) = &model.blocks[0].ffn else {
-            unreachable!()
-        };
+        let model = optimizer(&config).step(0.1, model, zeros);
         // With zero gradients AdamW only decays: w <- w (1 - lr wd).
-        assert_eq!(values(moe.router.gate.weight.val()), gate);
+        assert_eq!(gate(&model), gate_before);
         for (after, before) in values(model.embed.weight.val()).iter().zip(&embed) {
             assert!((after - before * 0.95).abs() < 1e-6, "{after} vs {before}");
         }
+    }
+
+    #[rstest::rstest]
+    #[case::same(1.0)]
+    #[case::tenfold(10.0)]
+    fn the_routers_step_by_their_scaled_rate(#[case] scale: f64) {
+        let (model, ones) = one_layer(1.0);
+        let (gate_before, embed) = (gate(&model), values(model.embed.weight.val()));
+        let config = TrainConfig::new()
+            .with_weight_decay(0.0)
+            .with_router_lr_scale(scale);
+        let mut schedule = lr_schedule(&config).unwrap();
+        for _ in 0..config.warmup_steps {
+            schedule.step();
+        }
+        let lr = schedule.step();
+        assert_eq!(lr.base(), config.lr);
+        let model = optimizer(&config).step(lr, model, ones);
+        // Adam's first step moves every weight by its learning rate against a constant gradient.
+        let moved = |after: Vec<f32>, before: &[f32]| {
+            let steps: Vec<f64> = after
+                .iter()
+                .zip(before)
+                .map(|(a, b)| (b - a) as f64)
+                .collect();
+            steps.iter().sum::<f64>() / steps.len() as f64
+        };
+        let router = moved(gate(&model), &gate_before);
+        let rest = moved(values(model.embed.weight.val()), &embed);
+        assert!((rest - config.lr).abs() < 1e-3 * config.lr, "{rest}");
+        assert!(
+            (router - scale * config.lr).abs() < 1e-3 * scale * config.lr,
+            "{router}"
+        );
     }
 
     #[test]
