@@ -19,16 +19,13 @@ use crate::error::{DataError, Result};
 /// Warm-up from lr/100 to lr, then cosine to min_lr, as Burn schedulers; the routers' gates
 /// ([`no_decay_group`]) follow the same curve scaled by `router_lr_scale`.
 pub fn lr_schedule(config: &TrainConfig) -> Result<ModuleLrScheduler> {
-    let base = ModuleLrSchedulerConfig::new(warmup_cosine(config, 1.0).into());
-    let schedule = if config.router_lr_scale == 1.0 {
-        base
-    } else {
-        base.with_group(
+    ModuleLrSchedulerConfig::new(warmup_cosine(config, 1.0).into())
+        .with_group(
             no_decay_group(),
             warmup_cosine(config, config.router_lr_scale),
         )
-    };
-    schedule.init().map_err(DataError::Config)
+        .init()
+        .map_err(DataError::Config)
 }
 
 /// The run's warm-up and cosine decay, every learning rate multiplied by `scale`.
@@ -55,6 +52,7 @@ fn warmup_cosine(config: &TrainConfig, scale: f64) -> SequentialLrSchedulerConfi
 /// The parameters that take no weight decay: the routers' gates. Decay would pull the gate
 /// logits toward uniform routing, against what the router learns (as biases and norms, which
 /// decay exempts in most recipes; the gates are this model's only such parameters).
+/// The same group takes `router_lr_scale` times the learning rate ([`lr_schedule`]).
 pub fn no_decay_group() -> ParamGroup {
     ParamGroup::from_predicate(".router.")
 }
